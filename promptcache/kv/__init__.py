@@ -1,0 +1,1 @@
+"""KV states: per-module holders, the decode-time cache, tiers, eviction, persistence, prefix reuse."""

@@ -1,0 +1,1 @@
+"""PML: the prompt markup language. Text -> typed tree (nodes) -> token layout (layout)."""
