@@ -1,0 +1,1 @@
+"""The engine: encode modules, splice their states, prefill what is new, decode."""

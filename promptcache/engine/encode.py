@@ -1,0 +1,120 @@
+"""Encode a compiled schema: run its passes and cut the states into per-module `KVStates`.
+
+Pass 0 runs the whole schema with every union at its scaffold member; each other union member
+runs after the states of everything before its union (a prefix of its parent pass). Members of
+one union share that prefix, so they run as one batch, right-padded: padding sits after every
+real token, so causal attention keeps it out of the real tokens' states.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import defaultdict
+
+import torch
+from tqdm.auto import tqdm
+
+from ..kv.cache import empty_cache, splice
+from ..kv.states import KVStates
+from ..markup.layout import EncodePass, SchemaLayout
+
+logger = logging.getLogger(__name__)
+
+CHUNK = 1024  # tokens per forward when prefilling a long pass (bounds attention memory)
+
+
+def prefill(adapter, ids: torch.Tensor, q_pos: torch.Tensor, cache, past_pos: torch.Tensor | None,
+            chunk: int = CHUNK, logits_to_keep: int = 1) -> torch.Tensor:
+    """Run ids [batch, q] at q_pos through `cache` in chunks; logits of the last chunk's tail."""
+    logits = None
+    for a in range(0, ids.shape[1], chunk):
+        b = min(a + chunk, ids.shape[1])
+        k_pos = q_pos[:b] if past_pos is None else torch.cat([past_pos, q_pos[:b]])
+        logits = adapter.forward(ids[:, a:b], q_pos[a:b], k_pos, cache, logits_to_keep=logits_to_keep)
+    return logits
+
+
+def _needed_passes(layout: SchemaLayout, want: set[str] | None) -> list[int]:
+    if want is None:
+        return list(range(len(layout.passes)))
+    need = set()
+    for i, p in enumerate(layout.passes):
+        if want.intersection(p.owners):
+            while i is not None and i not in need:
+                need.add(i)
+                i = layout.passes[i].parent
+    return sorted(need)
+
+
+def encode_schema(adapter, layout: SchemaLayout, want: set[str] | None = None,
+                  progress: bool = True) -> dict[str, KVStates]:
+    """States of every cacheable module (or only those in `want`), in the model's KV dtype."""
+    todo = _needed_passes(layout, want)
+    groups: dict[tuple, list[int]] = defaultdict(list)
+    for i in todo:
+        p = layout.passes[i]
+        # Batch members of one union only when their positions are consecutive (no nested gaps).
+        batchable = p.positions == tuple(range(p.positions[0], p.positions[0] + len(p.positions)))
+        groups[(p.parent, p.prefix_len, None if batchable else i)].append(i)
+    full: dict[int, KVStates] = {}   # each pass's states, prefix included (views)
+    pieces: dict[str, list[KVStates]] = defaultdict(list)
+    total = sum(len(layout.passes[i].token_ids) for i in todo)
+    with tqdm(total=total, desc=f"encoding {layout.name}", unit="tok", disable=not progress,
+              leave=False) as bar:
+        for (parent, prefix_len, _), members in groups.items():
+            prefix = full[parent].slice(0, prefix_len) if parent is not None else None
+            for i, states in zip(members, _run_group(adapter, layout, members, prefix)):
+                full[i] = states
+                _collect(layout.passes[i], states.slice(prefix_len, len(states)), pieces)
+                bar.update(len(layout.passes[i].token_ids))
+    out = {}
+    for path, parts in pieces.items():
+        if layout.modules[path].cache and (want is None or path in want):
+            out[path] = KVStates.concat(parts) if len(parts) > 1 else _own(parts[0])
+    logger.info("encoded schema %s: %d passes, %d tokens, %d modules", layout.name, len(todo), total, len(out))
+    return out
+
+
+def _own(s: KVStates) -> KVStates:
+    """A compact copy, so a module's states never keep a whole pass buffer alive."""
+    return KVStates(s.token_ids, s.positions.clone(), tuple(k.clone() for k in s.keys),
+                    tuple(v.clone() for v in s.values))
+
+
+def _collect(p: EncodePass, own: KVStates, pieces: dict[str, list[KVStates]]) -> None:
+    """Split a pass's own states by owner into runs of consecutive tokens."""
+    start = 0
+    for j in range(1, len(p.owners) + 1):
+        if j == len(p.owners) or p.owners[j] != p.owners[start]:
+            if p.owners[start] is not None:
+                pieces[p.owners[start]].append(own.slice(start, j))
+            start = j
+
+
+def _run_group(adapter, layout: SchemaLayout, members: list[int], prefix: KVStates | None) -> list[KVStates]:
+    """Run passes sharing one prefix as a right-padded batch; each pass's states (prefix + own)."""
+    passes = [layout.passes[i] for i in members]
+    width = max(len(p.token_ids) for p in passes)
+    dev = adapter.device
+    ids = torch.zeros((len(passes), width), dtype=torch.long, device=dev)
+    for r, p in enumerate(passes):
+        ids[r, : len(p.token_ids)] = torch.tensor(p.token_ids, dtype=torch.long)
+    # One batch shares positions: the longest pass's; padding continues past shorter ones.
+    q_pos = torch.tensor(max(passes, key=lambda p: len(p.token_ids)).positions, dtype=torch.long, device=dev)
+    n_prefix = len(prefix) if prefix is not None else 0
+    if prefix is not None and n_prefix:
+        cache, past_pos = splice([prefix], n_prefix + width, dev, adapter.dtype, batch=len(passes))
+    else:
+        kv_heads, head_dim = adapter.kv_geometry
+        cache = empty_cache(adapter.num_layers, kv_heads, head_dim, width, dev, adapter.dtype, len(passes))
+        past_pos = None
+    prefill(adapter, ids, q_pos, cache, past_pos)
+    out = []
+    all_pos = q_pos if past_pos is None else torch.cat([past_pos, q_pos])
+    for r, p in enumerate(passes):
+        n = n_prefix + len(p.token_ids)
+        toks = (prefix.token_ids if prefix is not None else ()) + p.token_ids
+        pos = torch.cat([all_pos[:n_prefix], torch.tensor(p.positions, dtype=torch.long, device=dev)])
+        out.append(KVStates(toks, pos, tuple(layer.keys[r:r + 1, :, :n] for layer in cache.layers),
+                            tuple(layer.values[r:r + 1, :, :n] for layer in cache.layers)))
+    return out

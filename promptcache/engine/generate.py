@@ -1,0 +1,148 @@
+"""Decoding: sampling parameters, one token at a time, stop conditions, streamable text.
+
+Sampling maths comes from transformers' logits processors; each request has its own
+`torch.Generator`, so a seed reproduces a sample regardless of other threads.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import torch
+from transformers import (
+    LogitsProcessorList,
+    RepetitionPenaltyLogitsProcessor,
+    TemperatureLogitsWarper,
+    TopKLogitsWarper,
+    TopPLogitsWarper,
+)
+
+from ..errors import PromptError
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """How to pick tokens. temperature 0 is greedy; top_k 0 and top_p 1 disable those filters."""
+
+    max_new_tokens: int = 256
+    temperature: float = 0.0
+    top_p: float = 1.0
+    top_k: int = 0
+    repetition_penalty: float = 1.0
+    stop: tuple[str, ...] = ()
+    stop_token_ids: tuple[int, ...] = ()
+    seed: int | None = None
+    ignore_eos: bool = False
+
+    def __post_init__(self):
+        checks = [
+            (isinstance(self.max_new_tokens, int) and self.max_new_tokens >= 1, "max_new_tokens", "an int >= 1"),
+            (self.temperature >= 0, "temperature", ">= 0"),
+            (0 < self.top_p <= 1, "top_p", "in (0, 1]"),
+            (isinstance(self.top_k, int) and self.top_k >= 0, "top_k", "an int >= 0"),
+            (self.repetition_penalty > 0, "repetition_penalty", "> 0"),
+            (all(isinstance(s, str) and s for s in self.stop), "stop", "non-empty strings"),
+        ]
+        for ok, name, valid in checks:
+            if not ok:
+                raise PromptError(f"invalid {name}={getattr(self, name)!r}: must be {valid}")
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0
+
+    def processors(self) -> LogitsProcessorList:
+        procs = LogitsProcessorList()
+        if self.repetition_penalty != 1.0:
+            procs.append(RepetitionPenaltyLogitsProcessor(self.repetition_penalty))
+        if not self.greedy:
+            if self.temperature != 1.0:
+                procs.append(TemperatureLogitsWarper(self.temperature))
+            if self.top_k > 0:
+                procs.append(TopKLogitsWarper(self.top_k))
+            if self.top_p < 1.0:
+                procs.append(TopPLogitsWarper(self.top_p))
+        return procs
+
+
+class TokenPicker:
+    """Chooses the next token from logits under `params`, with its own RNG."""
+
+    def __init__(self, params: SamplingParams, device: torch.device):
+        self.params, self.procs = params, params.processors()
+        self.gen = None
+        if not params.greedy:
+            self.gen = torch.Generator(device=device)
+            self.gen.manual_seed(params.seed if params.seed is not None else torch.seed())
+
+    def __call__(self, logits: torch.Tensor, history: torch.Tensor) -> int:
+        """logits [vocab] (float), history [1, n] every token so far (for the repetition penalty)."""
+        scores = self.procs(history, logits[None].float())
+        if self.params.greedy:
+            return int(scores.argmax(-1))
+        probs = torch.softmax(scores, dim=-1)
+        return int(torch.multinomial(probs, 1, generator=self.gen))
+
+
+class TextTracker:
+    """Turns generated ids into text, finds stop strings, and says what is safe to stream.
+
+    Text that could still become a stop string, or an unfinished UTF-8 character, is held back.
+    """
+
+    def __init__(self, tokenizer, stop: tuple[str, ...]):
+        self.tok, self.stop = tokenizer, stop
+        self.hold = max((len(s) for s in stop), default=1) - 1
+        self.ids: list[int] = []
+        self.text, self.emitted, self.stopped = "", 0, False
+
+    def add(self, token_id: int) -> None:
+        self.ids.append(token_id)
+        self.text = self.tok.decode(self.ids, skip_special_tokens=True)
+        hits = [i for i in (self.text.find(s, max(0, self.emitted - self.hold)) for s in self.stop) if i >= 0]
+        if hits:
+            self.text, self.stopped = self.text[: min(hits)], True
+
+    def delta(self, final: bool) -> str:
+        end = len(self.text)
+        if not final:
+            end -= self.hold
+            while end > self.emitted and self.text[end - 1] == "\ufffd":
+                end -= 1
+        if end <= self.emitted:
+            return ""
+        out, self.emitted = self.text[self.emitted:end], end
+        return out
+
+
+def eos_ids(model, tokenizer) -> set[int]:
+    ids = set()
+    for src in (getattr(model, "generation_config", None), tokenizer):
+        value = getattr(src, "eos_token_id", None)
+        ids.update(value if isinstance(value, (list, tuple)) else [value] if value is not None else [])
+    return ids
+
+
+def decode_tokens(step, first_logits: torch.Tensor, prompt_ids: list[int], params: SamplingParams,
+                  stop_ids: set[int], room: int, device) -> Iterator[tuple[int | None, str | None]]:
+    """Yield (token, None) per generated token, then (None, finish_reason).
+
+    `step(token) -> logits` runs one decode step; `room` is how many tokens fit in the context.
+    """
+    pick = TokenPicker(params, device)
+    history = torch.tensor([prompt_ids], dtype=torch.long, device=device)
+    hist_buf = torch.empty((1, len(prompt_ids) + params.max_new_tokens), dtype=torch.long, device=device)
+    hist_buf[:, : len(prompt_ids)] = history
+    n, logits = len(prompt_ids), first_logits
+    for i in range(min(params.max_new_tokens, room)):
+        token = pick(logits, hist_buf[:, :n])
+        hist_buf[0, n] = token
+        n += 1
+        if token in stop_ids:
+            yield None, "stop"
+            return
+        yield token, None
+        if i + 1 < min(params.max_new_tokens, room):
+            logits = step(token)
+    yield None, "length"

@@ -1,0 +1,49 @@
+"""Result objects: `Usage` (counted like the cloud APIs), `Completion`, and streamed `Chunk`s.
+
+Usage semantics:
+- input_tokens: every prompt token, cached ones included.
+- cached_tokens: prompt tokens whose states were read from a cache (modules or prefixes).
+- cache_write_tokens: prompt tokens whose states this request computed and stored for reuse.
+- output_tokens: generated tokens (an EOS or stop token that ended generation is not counted).
+- ttft_s: request start to the first generated token; total_s: request start to the end.
+- modules_hit: for PML prompts, the modules whose stored states were spliced;
+  modules_written: those (re-)encoded by this request (evicted or never encoded).
+- response_cached: the whole completion came from the response cache (nothing was computed).
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+
+@dataclass(frozen=True)
+class Usage:
+    input_tokens: int
+    cached_tokens: int
+    cache_write_tokens: int
+    output_tokens: int
+    ttft_s: float
+    total_s: float
+    modules_hit: tuple[str, ...] = ()
+    modules_written: tuple[str, ...] = ()
+    response_cached: bool = False
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class Completion:
+    text: str
+    token_ids: tuple[int, ...]
+    usage: Usage
+    finish_reason: str  # "stop" (EOS, stop string or stop token) or "length"
+
+
+@dataclass(frozen=True)
+class Chunk:
+    """A streamed text delta; the last chunk carries `usage` and `finish_reason`."""
+
+    text: str
+    usage: Usage | None = None
+    finish_reason: str | None = None

@@ -1,0 +1,102 @@
+"""Bind a `Prompt` to a compiled schema: which modules' states to splice, which tokens are new.
+
+Selection rules: the schema root (text outside modules) is always included; a module is included
+only when selected, its children only when selected inside it; at most one member per union;
+every parameter of a selected module needs an argument no longer than the parameter.
+"""
+
+from __future__ import annotations
+
+from ..errors import PromptError
+from .layout import ROOT, PromptPlan, SchemaLayout, encode_text
+from .nodes import Prompt, RoleBlock, Selection
+
+
+def _scope_names(layout: SchemaLayout, parent: str) -> list[str]:
+    return [layout.modules[p].name for p in layout.modules[parent].children]
+
+
+def _select(layout: SchemaLayout, parent: str, sels: tuple[Selection, ...], chosen: dict, tok):
+    where = f"module '{parent}'" if parent else "the top level"
+    by_union: dict[int, str] = {}
+    for sel in sels:
+        path = f"{parent}/{sel.name}" if parent else sel.name
+        if path not in layout.modules or path == ROOT:
+            valid = ", ".join(_scope_names(layout, parent)) or "(none)"
+            raise PromptError(f"unknown module '{sel.name}' at {where} of schema '{layout.name}'; "
+                              f"valid modules there: {valid}")
+        if path in chosen:
+            raise PromptError(f"module '{path}' is selected twice in the prompt")
+        mod = layout.modules[path]
+        if mod.union is not None:
+            if mod.union in by_union:
+                members = ", ".join(layout.modules[m].name for m in layout.unions[mod.union].members)
+                raise PromptError(f"modules '{by_union[mod.union]}' and '{sel.name}' are members of one union; "
+                                  f"select at most one of: {members}")
+            by_union[mod.union] = sel.name
+        chosen[path] = _arguments(layout, path, sel, tok)
+        _select(layout, path, sel.children, chosen, tok)
+
+
+def _arguments(layout: SchemaLayout, path: str, sel: Selection, tok) -> dict[str, tuple[int, ...]]:
+    slots = layout.modules[path].slots
+    args = dict(sel.args)
+    for name in args:
+        if name not in slots:
+            valid = ", ".join(slots) or "(none)"
+            raise PromptError(f"module '{path}' has no parameter '{name}'; its parameters: {valid}")
+    missing = [n for n in slots if n not in args]
+    if missing:
+        raise PromptError(f"module '{path}' needs an argument for parameter(s) {', '.join(missing)}; "
+                          f"write them as attributes, e.g. <{sel.name} {missing[0]}=\"...\"/>")
+    out = {}
+    for name, value in args.items():
+        ids = encode_text(tok, value)
+        if len(ids) > slots[name].length:
+            raise PromptError(f"argument for parameter '{name}' of module '{path}' is {len(ids)} tokens; "
+                              f"the parameter's length is {slots[name].length} tokens")
+        out[name] = ids
+    return out
+
+
+def _tail_text(layout: SchemaLayout, prompt: Prompt) -> str:
+    parts, last_role = [], None
+    for node in prompt.tail:
+        if isinstance(node, RoleBlock):
+            text = "".join(t.text for t in node.children)
+            parts.append(layout.chat.wrap(node.role, text))
+            last_role = node.role
+        else:
+            parts.append(node.text)
+            last_role = None if node.text.strip() else last_role
+    if last_role == "user":
+        parts.append(layout.chat.generation_prompt)
+    return "".join(parts)
+
+
+def bind(prompt: Prompt, layout: SchemaLayout, tokenizer) -> PromptPlan:
+    """Resolve `prompt` against `layout` (raises PromptError naming the culprit)."""
+    if prompt.schema != layout.name:
+        raise PromptError(f"prompt is for schema '{prompt.schema}', not '{layout.name}'")
+    chosen: dict[str, dict] = {ROOT: {}}
+    _select(layout, ROOT, prompt.selections, chosen, tokenizer)
+    cached, pieces = [], []   # pieces: (position, token, is_new)
+    for path in sorted(chosen, key=lambda p: (layout.modules[p].start, p.count("/"))):
+        mod = layout.modules[path]
+        new = not mod.cache
+        if not new:
+            cached.append(path)
+        pieces.extend((p, t, new) for t, p in zip(mod.token_ids, mod.positions))
+        for name, ids in chosen[path].items():
+            start = mod.slots[name].start
+            pieces.extend((start + i, t, True) for i, t in enumerate(ids))
+    tail = encode_text(tokenizer, _tail_text(layout, prompt))
+    pieces.extend((layout.length + i, t, True) for i, t in enumerate(tail))
+    pieces.sort(key=lambda x: x[0])
+    new = [(p, t) for p, t, is_new in pieces if is_new]
+    return PromptPlan(
+        schema=layout.name, modules=tuple(chosen), cached=tuple(cached),
+        new_token_ids=tuple(t for _, t in new), new_positions=tuple(p for p, _ in new),
+        token_ids=tuple(t for _, t, _ in pieces), positions=tuple(p for p, _, _ in pieces),
+        next_position=layout.length + len(tail), stop=layout.chat.stop,
+    )

@@ -1,0 +1,1 @@
+"""Per-family adapters that feed unpatched transformers models explicit positions."""

@@ -1,0 +1,169 @@
+"""Model adapters: run an unpatched transformers decoder over tokens at arbitrary positions.
+
+The engine feeds every model the same way: new tokens, their position ids, a `Cache` holding the
+spliced states, and the position of every key in that cache. What differs per family is how a
+position reaches attention:
+
+- RoPE families (Llama, Mistral, Qwen2, Falcon-rotary, ...): the rotation is applied to keys when
+  they are computed, so stored keys carry their position; `position_ids` places the new tokens.
+  Nothing else is needed.
+- MPT (ALiBi): keys carry no position; the model adds a per-head bias computed from key *indices*
+  in the cache, which is wrong once spliced modules leave gaps. `MptAdapter` replaces that bias
+  with one computed from the true key positions (see there).
+
+Where new tokens do not all come after every cached token (parameter arguments, cache="false"
+modules), attention must follow positions, not cache order: a 4D mask lets a query see exactly
+the keys at positions <= its own.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import threading
+from contextlib import contextmanager
+
+import torch
+
+from ..errors import PromptCacheError
+
+logger = logging.getLogger(__name__)
+
+
+def position_mask(q_pos: torch.Tensor, k_pos: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Additive mask [1, 1, q, kv]: 0 where key position <= query position, else the dtype's min."""
+    allowed = k_pos[None, :] <= q_pos[:, None]
+    mask = torch.zeros(allowed.shape, dtype=dtype, device=q_pos.device)
+    return mask.masked_fill_(~allowed, torch.finfo(dtype).min)[None, None]
+
+
+def needs_position_mask(q_pos: torch.Tensor, past_pos: torch.Tensor | None) -> bool:
+    """False when cache order already is position order (the model's own causal mask is right)."""
+    if q_pos.numel() > 1 and not bool((q_pos[1:] > q_pos[:-1]).all()):
+        return True
+    return past_pos is not None and past_pos.numel() > 0 and int(q_pos.min()) <= int(past_pos.max())
+
+
+class Adapter:
+    """Runs `model` over tokens at given positions with a cache (RoPE families need nothing more)."""
+
+    def __init__(self, model):
+        self.model = model
+        cfg = model.config.get_text_config(decoder=True)
+        self.config = cfg
+        self.num_layers = cfg.num_hidden_layers
+        self.max_positions = _max_positions(cfg)
+        attn = getattr(model.config, "_attn_implementation", None)
+        if attn not in ("sdpa", "eager", None):
+            # NOTE: custom 4D position masks need an attention kernel that takes masks.
+            logger.info("switching attention implementation from %s to sdpa", attn)
+            model.set_attn_implementation("sdpa")
+
+    @functools.cached_property
+    def kv_geometry(self) -> tuple[int, int]:
+        """(kv_heads, head_dim), read off a one-token forward rather than guessed from the config."""
+        from transformers.cache_utils import DynamicCache
+
+        probe = DynamicCache()
+        ids = torch.zeros((1, 1), dtype=torch.long, device=self.device)
+        with torch.inference_mode():
+            self.model(input_ids=ids, past_key_values=probe, use_cache=True)
+        k = probe.layers[0].keys
+        return k.shape[1], k.shape[-1]
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.model.parameters()).dtype
+
+    @torch.inference_mode()
+    def forward(self, input_ids: torch.Tensor, q_pos: torch.Tensor, k_pos: torch.Tensor, cache,
+                logits_to_keep: int = 0, in_order: bool | None = None) -> torch.Tensor:
+        """Logits for input_ids [batch, q] at positions q_pos [q].
+
+        `cache` holds the past keys and is updated in place; k_pos [past + q] is the position of
+        every key after the update (past ones, then q_pos). `in_order=True` promises that cache order
+        is position order (decoding), skipping the check. Returns [batch, kept, vocab].
+        """
+        mask = None
+        past_pos = k_pos[: k_pos.numel() - q_pos.numel()]
+        if not in_order and needs_position_mask(q_pos, past_pos):
+            mask = position_mask(q_pos, k_pos, self.dtype)
+        with self.positions(k_pos):
+            out = self.model(input_ids=input_ids, position_ids=q_pos[None].expand(input_ids.shape[0], -1),
+                             attention_mask=mask, past_key_values=cache, use_cache=True,
+                             logits_to_keep=logits_to_keep)
+        return out.logits
+
+    @contextmanager
+    def positions(self, k_pos: torch.Tensor):
+        yield
+
+
+class MptAdapter(Adapter):
+    """MPT: ALiBi from true key positions.
+
+    MPT builds bias[h, k] = slope_h * (k - (K - 1)) from the key index k in a cache of K keys, and
+    relies on softmax being shift-invariant per query. With spliced modules the index is not the
+    position: a module after a skipped one would look closer than it is. A forward pre-hook on each
+    attention block swaps in bias[h, k] = slope_h * (pos_k - max_pos), the same formula over true
+    positions (identical to MPT's when positions are 0..K-1). The positions are thread-local, so
+    concurrent requests on one model never see each other's; outside `positions()` the hook is
+    inert and the model is plain MPT.
+    """
+
+    def __init__(self, model):
+        super().__init__(model)
+        from transformers.models.mpt.modeling_mpt import MptAttention, build_mpt_alibi_tensor
+
+        cfg = self.config
+        if getattr(cfg.attn_config, "alibi", True) is False:
+            raise PromptCacheError("MPT without ALiBi is not supported")
+        # slopes: [heads, 1, 1]; bias for distance -1 is -slope.
+        self.slopes = -build_mpt_alibi_tensor(cfg.n_heads, 2, cfg.attn_config.alibi_bias_max)[:, :, :1]
+        self.local = threading.local()
+        for mod in model.modules():
+            if isinstance(mod, MptAttention) and not getattr(mod, "_promptcache_hooked", False):
+                mod.register_forward_pre_hook(self._hook, with_kwargs=True)
+                mod._promptcache_hooked = True
+
+    def _hook(self, module, args, kwargs):
+        bias = getattr(self.local, "bias", None)
+        if bias is not None:
+            kwargs["position_bias"] = bias
+        return args, kwargs
+
+    @contextmanager
+    def positions(self, k_pos: torch.Tensor):
+        rel = (k_pos - k_pos.max()).to(torch.int32)
+        # bias: [heads, 1, kv]
+        self.local.bias = rel.view(1, 1, -1) * self.slopes.to(k_pos.device)
+        try:
+            yield
+        finally:
+            self.local.bias = None
+
+
+def _max_positions(cfg) -> int:
+    for name in ("max_position_embeddings", "max_seq_len", "n_positions", "seq_length"):
+        value = getattr(cfg, name, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    return 1 << 30
+
+
+def adapter_for(model) -> Adapter:
+    """The adapter for `model`'s family; RoPE decoders need no special handling."""
+    cfg = model.config
+    if cfg.model_type == "mpt":
+        return MptAdapter(model)
+    if cfg.model_type == "falcon" and getattr(cfg, "alibi", False):
+        raise PromptCacheError("Falcon with alibi=True is not supported (Falcon-7B/40B use rotary; "
+                               "rotary Falcon models are supported)")
+    if cfg.model_type in ("bloom",) or getattr(cfg, "alibi", False):
+        raise PromptCacheError(f"model type '{cfg.model_type}' uses ALiBi through a path promptcache "
+                               "does not adapt; supported: RoPE decoders (llama, mistral, qwen2, falcon, ...) and mpt")
+    return Adapter(model)
