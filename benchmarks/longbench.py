@@ -208,6 +208,10 @@ def check_name(name: str) -> str:
     return name
 
 
+# NOTE: xml:space="preserve" keeps LongBench's exact text: PML otherwise dedents and trims each text run.
+_PRESERVE = 'xml:space="preserve"'
+
+
 def _user_turn(example: Example, after: str) -> str:
     # str.replace, not str.format: the question may contain braces.
     return "<user>" + escape(after.replace("{input}", example.input)) + "</user>"
@@ -225,9 +229,9 @@ def single_module_schema(example: Example, name: str, dataset: str | None = None
         `PmlPrompt(schema, prompt)`; the instruction preceding the context is schema text.
     """
     before, after = split_template(dataset or example.dataset)
-    schema = (f'<schema name="{check_name(name)}">{escape(before)}'
+    schema = (f'<schema name="{check_name(name)}" {_PRESERVE}>{escape(before)}'
               f'<module name="context">{cdata(example.context)}</module></schema>')
-    prompt = f'<prompt schema="{name}"><context/>{_user_turn(example, after)}</prompt>'
+    prompt = f'<prompt schema="{name}" {_PRESERVE}><context/>{_user_turn(example, after)}</prompt>'
     return PmlPrompt(schema, prompt)
 
 
@@ -280,7 +284,7 @@ def multi_document_schema(examples_or_docs: Sequence[Example] | Sequence[str], n
     before, _ = split_template(_schema_dataset(examples_or_docs, dataset))
     modules = "".join(f'<module name="doc{i}">{cdata(MODULE_TEXT.format(document=doc))}</module>'
                       for i, doc in enumerate(collect_documents(examples_or_docs)))
-    return f'<schema name="{check_name(name)}">{escape(before)}{modules}</schema>'
+    return f'<schema name="{check_name(name)}" {_PRESERVE}>{escape(before)}{modules}</schema>'
 
 
 def multi_document_prompt(example: Example, examples_or_docs: Sequence[Example] | Sequence[str],
@@ -303,4 +307,4 @@ def multi_document_prompt(example: Example, examples_or_docs: Sequence[Example] 
         raise TaskFormatError(f"example {example.id}: document(s) {absent} are not in schema {name!r}")
     _, after = split_template(dataset or example.dataset)
     imports = "".join(f"<doc{index[doc]}/>" for doc in own)
-    return f'<prompt schema="{check_name(name)}">{imports}{_user_turn(example, after)}</prompt>'
+    return f'<prompt schema="{check_name(name)}" {_PRESERVE}>{imports}{_user_turn(example, after)}</prompt>'

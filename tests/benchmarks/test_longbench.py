@@ -225,3 +225,17 @@ def test_samples_translate_to_valid_xml():
     ET.fromstring(multi_document_schema(multidoc, "md"))
     for ex in multidoc:
         assert len(ET.fromstring(multi_document_prompt(ex, multidoc, "md"))) == 4
+
+
+def test_samples_parse_with_promptcache_markup_exactly():
+    parse = pytest.importorskip("promptcache.markup.parse")
+    tasks = load_tasks(DATA_DIR, datasets=SAMPLES)
+    for ex in [*tasks["qa_sample"][:2], *tasks["trec_sample"][:1], example(context="a ]]> b")]:
+        schema, prompt = single_module_schema(ex, "s")
+        (module,) = [n for n in parse.parse_schema(schema).children if getattr(n, "name", None) == "context"]
+        assert "".join(t.text for t in module.children) == ex.context   # xml:space keeps it verbatim
+        assert [s.name for s in parse.parse_prompt(prompt).selections] == ["context"]
+    multidoc = tasks["multidoc_sample"]
+    parse.parse_schema(multi_document_schema(multidoc, "md"))
+    selections = parse.parse_prompt(multi_document_prompt(multidoc[0], multidoc, "md")).selections
+    assert [s.name for s in selections] == ["doc0", "doc1", "doc2"]
