@@ -196,9 +196,21 @@ def split_template(dataset: str) -> tuple[str, str]:
 
 # --- PML ---------------------------------------------------------------------------------------------
 
+# Characters XML 1.0 forbids even in CDATA (C0 controls but tab/LF/CR, surrogates, U+FFFE/U+FFFF).
+_NOT_XML = re.compile("[\x00-\x08\x0b\x0c\x0e-\x1f\ud800-\udfff\ufffe\uffff]")
+
+
+def xml_text(text: str) -> str:
+    """`text` escaped for XML character data; characters XML cannot hold are dropped."""
+    return escape(_NOT_XML.sub("", text))
+
+
 def cdata(text: str) -> str:
-    """`text` as CDATA; a `]]>` inside is split across two sections so it survives the round trip."""
-    return "<![CDATA[" + text.replace("]]>", "]]]]><![CDATA[>") + "]]>"
+    """`text` as CDATA; a `]]>` inside is split across two sections so it survives the round trip.
+
+    Characters XML cannot hold at all (e.g. a form feed in code) are dropped.
+    """
+    return "<![CDATA[" + _NOT_XML.sub("", text).replace("]]>", "]]]]><![CDATA[>") + "]]>"
 
 
 def check_name(name: str) -> str:
@@ -214,7 +226,7 @@ _PRESERVE = 'xml:space="preserve"'
 
 def _user_turn(example: Example, after: str) -> str:
     # str.replace, not str.format: the question may contain braces.
-    return "<user>" + escape(after.replace("{input}", example.input)) + "</user>"
+    return "<user>" + xml_text(after.replace("{input}", example.input)) + "</user>"
 
 
 def single_module_schema(example: Example, name: str, dataset: str | None = None) -> PmlPrompt:
@@ -229,7 +241,7 @@ def single_module_schema(example: Example, name: str, dataset: str | None = None
         `PmlPrompt(schema, prompt)`; the instruction preceding the context is schema text.
     """
     before, after = split_template(dataset or example.dataset)
-    schema = (f'<schema name="{check_name(name)}" {_PRESERVE}>{escape(before)}'
+    schema = (f'<schema name="{check_name(name)}" {_PRESERVE}>{xml_text(before)}'
               f'<module name="context">{cdata(example.context)}</module></schema>')
     prompt = f'<prompt schema="{name}" {_PRESERVE}><context/>{_user_turn(example, after)}</prompt>'
     return PmlPrompt(schema, prompt)
@@ -284,7 +296,7 @@ def multi_document_schema(examples_or_docs: Sequence[Example] | Sequence[str], n
     before, _ = split_template(_schema_dataset(examples_or_docs, dataset))
     modules = "".join(f'<module name="doc{i}">{cdata(MODULE_TEXT.format(document=doc))}</module>'
                       for i, doc in enumerate(collect_documents(examples_or_docs)))
-    return f'<schema name="{check_name(name)}" {_PRESERVE}>{escape(before)}{modules}</schema>'
+    return f'<schema name="{check_name(name)}" {_PRESERVE}>{xml_text(before)}{modules}</schema>'
 
 
 def multi_document_prompt(example: Example, examples_or_docs: Sequence[Example] | Sequence[str],

@@ -239,3 +239,10 @@ def test_samples_parse_with_promptcache_markup_exactly():
     parse.parse_schema(multi_document_schema(multidoc, "md"))
     selections = parse.parse_prompt(multi_document_prompt(multidoc[0], multidoc, "md")).selections
     assert [s.name for s in selections] == ["doc0", "doc1", "doc2"]
+
+
+def test_characters_xml_cannot_hold_are_dropped():
+    ex = example(context="page\x0cbreak\x00", question="bell\x07?")
+    schema, prompt = single_module_schema(ex, "s")
+    assert ET.fromstring(schema).find("module").text == "pagebreak"
+    assert ET.fromstring(prompt).find("user").text.endswith("Question: bell?\nAnswer:")
