@@ -124,7 +124,11 @@ class MptAdapter(Adapter):
             raise PromptCacheError("MPT without ALiBi is not supported")
         # slopes: [heads, 1, 1]; bias for distance -1 is -slope.
         self.slopes = -build_mpt_alibi_tensor(cfg.n_heads, 2, cfg.attn_config.alibi_bias_max)[:, :, :1]
-        self.local = threading.local()
+        # NOTE: one thread-local per model, shared by every adapter (engine) built on it: the hooks
+        # are registered once and must see whichever engine is running.
+        if not hasattr(model, "_promptcache_alibi"):
+            model._promptcache_alibi = threading.local()
+        self.local = model._promptcache_alibi
         for mod in model.modules():
             if isinstance(mod, MptAttention) and not getattr(mod, "_promptcache_hooked", False):
                 mod.register_forward_pre_hook(self._hook, with_kwargs=True)

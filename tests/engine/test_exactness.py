@@ -78,3 +78,12 @@ def test_cache_false_module_is_exact(arch):
     engine.add_schema(DOCS.replace('<module name="code">', '<module name="code" cache="false">'))
     cached, _ = _same(engine, ALL_DOCS_PROMPT)
     assert "code" not in cached.usage.modules_hit
+
+
+def test_second_engine_on_same_model_is_exact(arch):
+    # Regression: MPT's ALiBi hooks are registered once per model; a second engine must drive them too.
+    first = make_engine(arch)
+    first.add_schema(DOCS)
+    engine = make_engine(arch)
+    engine.add_schema(DOCS.replace('<module name="code">', '<module name="code" cache="false">'))
+    _same(engine, ALL_DOCS_PROMPT)
