@@ -54,8 +54,10 @@ def encode_schema(adapter, layout: SchemaLayout, want: set[str] | None = None,
     for i in todo:
         p = layout.passes[i]
         # Batch members of one union only when their positions are consecutive (no nested gaps).
+        # NOTE: the start is part of the key: two unions after empty scaffolds share a prefix, but
+        # a batch runs at one set of positions.
         batchable = p.positions == tuple(range(p.positions[0], p.positions[0] + len(p.positions)))
-        groups[(p.parent, p.prefix_len, None if batchable else i)].append(i)
+        groups[(p.parent, p.prefix_len, p.positions[0] if batchable else ("alone", i))].append(i)
     full: dict[int, KVStates] = {}   # each pass's states, prefix included (views)
     pieces: dict[str, list[KVStates]] = defaultdict(list)
     total = sum(len(layout.passes[i].token_ids) for i in todo)
