@@ -1,0 +1,68 @@
+"""Engine micro-benchmarks on a tiny model: encode, splice, TTFT (cached/uncached), one decode step.
+
+    pytest benchmarks/ --benchmark-only
+
+Numbers here track regressions in the engine's own overhead; benchmarks/ttft.py measures the
+realistic shapes.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from benchmarks.common import filler_text
+from promptcache.engine.engine import Engine
+from promptcache.kv.cache import splice
+from promptcache.testing import tiny_model
+
+CONTEXT = 512
+SHAPE = {"hidden_size": 128, "num_layers": 2}
+QUESTION = "Question: what does the document say about the city? Answer:"
+
+
+@pytest.fixture(scope="module")
+def setup():
+    model, tok = tiny_model("llama", seed=0, **SHAPE)
+    engine = Engine(model, tok, progress=False)
+    schema = f'<schema name="bench"><module name="doc">{filler_text(tok, CONTEXT)}</module></schema>'
+    engine.add_schema(schema)
+    prompt = f'<prompt schema="bench"><doc/>{QUESTION}</prompt>'
+    return engine, schema, prompt
+
+
+def test_encode(benchmark, setup):
+    engine, schema, _ = setup
+    benchmark(engine.add_schema, schema)
+
+
+def test_splice(benchmark, setup):
+    engine, _, prompt = setup
+    plan, layout = engine._plan(prompt)
+    parts, _, _ = engine._checkout(layout, plan.cached)
+    benchmark(splice, parts, len(plan.token_ids) + 1, engine.device, engine.adapter.dtype)
+
+
+@pytest.mark.parametrize("enable_cache", [True, False], ids=["cached", "uncached"])
+def test_ttft(benchmark, setup, enable_cache):
+    engine, _, prompt = setup
+    c = benchmark(engine.generate, prompt, max_new_tokens=1, enable_cache=enable_cache, ignore_eos=True)
+    assert c.usage.output_tokens == 1
+
+
+def test_time_per_output_token(benchmark, setup):
+    """One decode step (the engine's own step: one token, in-place cache write)."""
+    engine, _, prompt = setup
+    plan, layout = engine._plan(prompt)
+    cache, k_pos, n, _, _ = engine._prefill_cached(plan, layout, len(plan.token_ids) + 1)
+    k_pos[n] = plan.next_position
+    ids = torch.tensor([[5]], dtype=torch.long, device=engine.device)
+
+    def step():
+        engine.adapter.forward(ids, k_pos[n:n + 1], k_pos[:n + 1], cache, logits_to_keep=1, in_order=True)
+
+    def reset():
+        for layer in cache.layers:
+            layer.crop(n)
+
+    benchmark.pedantic(step, setup=reset, rounds=50, warmup_rounds=2)

@@ -1,0 +1,258 @@
+"""Time to first token: uncached prefill vs. spliced module states vs. the ideal.
+
+For each model and context length, one schema holds one module of ~context tokens (deterministic
+filler prose) and the prompt imports it and asks a short question. Measured in one run:
+
+- ttft_no_cache_ms: `engine.generate(prompt, max_new_tokens=1, enable_cache=False)`.
+- ttft_cache_ms: the same with the cache (modules resident on the model's device).
+- ttft_cache_host_ms: the same from an engine whose modules live in host memory (device budget 0).
+- ttft_ideal_ms: a bare transformers forward over the same new tokens, at the same positions, with
+  a ready contiguous `DynamicCache` holding the same prefix states: no parsing, no splicing, no
+  position mask; the cache is re-cropped outside the timed region before each repetition.
+- encode_ms: `add_schema` (parse, compile, encode the module, store it).
+- splice_ms: copying the stored states into a fresh request cache (`kv.cache.splice`) alone.
+- tpot_ms: time per output token while decoding `--decode-tokens` tokens after the first.
+- kv_bytes_per_token: bytes of stored keys+values per cached token.
+
+    python benchmarks/ttft.py                       # llama/falcon/mpt bench shapes, 512..8192
+    python benchmarks/ttft.py --quick               # llama, 512 and 2048, fewer repeats
+    python benchmarks/ttft.py --model /path/to/ckpt --device cuda --contexts 2048,8192
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import torch  # noqa: E402
+
+from benchmarks.common import (  # noqa: E402
+    BENCH_SHAPE,
+    hardware,
+    load_average,
+    load_model,
+    median,
+    resolve_device,
+    resolve_dtype,
+    sync,
+    table,
+    time_ms,
+    versions,
+    write_json,
+)
+from benchmarks.common import filler_text as make_filler  # noqa: E402
+
+QUESTION = "Question: what does the document above say about the city and its hotel? Answer briefly."
+
+COLUMNS = [("model", "model", ""), ("context_tokens", "context", "d"), ("new_tokens", "new", "d"),
+           ("ttft_no_cache_ms", "no-cache ms", ".1f"), ("ttft_cache_ms", "cache ms", ".1f"),
+           ("ttft_ideal_ms", "ideal ms", ".1f"), ("speedup", "speedup", ".1f"),
+           ("cache_vs_ideal", "cache/ideal", ".2f"), ("ttft_cache_host_ms", "host-tier ms", ".1f"),
+           ("splice_ms", "splice ms", ".2f"), ("encode_ms", "encode ms", ".0f"),
+           ("tpot_ms", "tpot ms", ".1f"),
+           ("kv_bytes_per_token", "KV B/tok", "d")]
+
+
+def bench_prompt(tokenizer, context: int, name: str) -> tuple[str, str]:
+    """(schema, prompt): one module of ~`context` tokens, then a short question."""
+    text = make_filler(tokenizer, context)
+    schema = f'<schema name="{name}"><module name="doc">{text}</module></schema>'
+    return schema, f'<prompt schema="{name}"><doc/>{QUESTION}</prompt>'
+
+
+def ideal_setup(engine, prompt: str):
+    """(run, reset, logits-check): a bare model forward over the prompt's new tokens with a ready cache."""
+    from transformers.cache_utils import DynamicCache
+
+    plan, layout = engine._plan(prompt)
+    assert plan.positions == tuple(range(len(plan.token_ids))), "bench prompts select every module in order"
+    parts, _, _ = engine._checkout(layout, plan.cached)
+    n_cached = sum(len(p) for p in parts)
+    assert n_cached == plan.cached_token_count and plan.new_positions[0] == n_cached
+    cache = DynamicCache()
+    for i in range(parts[0].num_layers):
+        keys = torch.cat([p.keys[i] for p in parts], dim=2).to(engine.device)
+        values = torch.cat([p.values[i] for p in parts], dim=2).to(engine.device)
+        cache.update(keys, values, i)
+    ids = torch.tensor([plan.new_token_ids], dtype=torch.long, device=engine.device)
+    pos = torch.tensor([plan.new_positions], dtype=torch.long, device=engine.device)
+    out = {}
+
+    @torch.inference_mode()
+    def run():
+        out["logits"] = engine.model(input_ids=ids, position_ids=pos, past_key_values=cache, use_cache=True,
+                                     logits_to_keep=1).logits
+
+    def reset():  # drop the new tokens the last run appended (crop takes a negative count in v5)
+        extra = cache.get_seq_length() - n_cached
+        if extra:
+            cache.crop(-extra)
+
+    return run, reset, out, plan
+
+
+def splice_setup(engine, prompt: str):
+    """A closure that splices the prompt's stored states into a fresh request cache."""
+    from promptcache.kv.cache import splice
+
+    plan, layout = engine._plan(prompt)
+    parts, _, _ = engine._checkout(layout, plan.cached)
+    capacity = len(plan.token_ids) + 1
+    return lambda: splice(parts, capacity, engine.device, engine.adapter.dtype)
+
+
+def host_store(engine, schema_name: str):
+    """A store holding the schema's states in host memory only (device budget 0)."""
+    from promptcache.kv.store import ModuleStore
+
+    store = ModuleStore(engine.device, device_budget=0)
+    for key in engine.store.keys():
+        if key.startswith(schema_name + "\0"):
+            store.put(key, engine.store.get(key))
+    return store
+
+
+def measure(engine, tokenizer, model_label: str, context: int, args) -> dict:
+    name = f"ttft{context}"
+    schema, prompt = bench_prompt(tokenizer, context, name)
+    dev, rep = engine.device, args.repeat
+    encode = time_ms(lambda: engine.add_schema(schema), dev, repeat=max(1, rep // 2))
+
+    def first(cache: bool):
+        return lambda: engine.generate(prompt, max_new_tokens=1, enable_cache=cache, ignore_eos=True)
+
+    no_cache = time_ms(first(False), dev, repeat=rep)
+    cached = time_ms(first(True), dev, repeat=rep)
+    run, reset, out, plan = ideal_setup(engine, prompt)
+    ideal = time_ms(run, dev, repeat=rep, setup=reset)
+    spliced = time_ms(splice_setup(engine, prompt), dev, repeat=rep)
+    # Sanity: the ideal computes what the engine's cached prefill computes.
+    reference = engine._prefill_cached(plan, engine.schema(name), len(plan.token_ids) + 1)[3]
+    ideal_err = float((out["logits"][0, -1].float() - reference.float()).abs().max())
+    tpot = []
+    for _ in range(max(1, rep // 2) + 1):
+        c = engine.generate(prompt, max_new_tokens=args.decode_tokens + 1, ignore_eos=True)
+        tpot.append((c.usage.total_s - c.usage.ttft_s) * 1e3 / max(1, c.usage.output_tokens - 1))
+    # NOTE: the host tier is timed on the same engine with its store swapped for a host-only one:
+    # a second Engine would re-encode the module (and a second MptAdapter would not hook MPT).
+    device_store, engine.store = engine.store, host_store(engine, name)
+    try:
+        assert engine.store.tier_of(engine._key(name, "doc")) == "host"
+        host = time_ms(first(True), dev, repeat=rep)
+    finally:
+        engine.store = device_store
+    sync(dev)
+    stored = engine.store.get(engine._key(name, "doc"))
+    for key in [k for k in engine.store.keys() if k.startswith(name + "\0")]:
+        engine.store.remove(key)  # free this context's states before the next
+    row = {"model": model_label, "device": str(dev), "context_tokens": plan.cached_token_count,
+           "new_tokens": len(plan.new_token_ids), "ttft_no_cache_ms": median(no_cache),
+           "ttft_cache_ms": median(cached), "ttft_ideal_ms": median(ideal)}
+    row["speedup"] = row["ttft_no_cache_ms"] / row["ttft_cache_ms"]
+    row["cache_vs_ideal"] = row["ttft_cache_ms"] / row["ttft_ideal_ms"]
+    row.update(encode_ms=median(encode), splice_ms=median(spliced), tpot_ms=median(tpot[1:]),
+               kv_bytes_per_token=stored.nbytes // len(stored), ttft_cache_host_ms=median(host),
+               ideal_max_abs_logit_diff=ideal_err, repeat=rep)
+    return row
+
+
+def run_model(name: str, args, device, dtype) -> list[dict]:
+    from promptcache.engine.engine import Engine
+
+    shape = {"hidden_size": args.hidden_size, "num_layers": args.layers}
+    model, tok, label = load_model(name, device, dtype, max_positions=max(args.contexts) + 256, shape=shape)
+    engine = Engine(model, tok, progress=False)
+    rows = []
+    for context in args.contexts:
+        row = measure(engine, tok, label, context, args)
+        print(table([row], COLUMNS).splitlines()[-1] if rows else table([row], COLUMNS), flush=True)
+        rows.append(row)
+    del engine, model
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    return rows
+
+
+def plot(rows: list[dict], path: Path) -> Path | None:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib is not installed: skipping the plot (pip install matplotlib)")
+        return None
+    models = list(dict.fromkeys(r["model"] for r in rows))
+    fig, axes = plt.subplots(1, len(models), figsize=(5 * len(models), 4), squeeze=False)
+    for ax, m in zip(axes[0], models, strict=True):
+        mine = sorted((r for r in rows if r["model"] == m), key=lambda r: r["context_tokens"])
+        x = [r["context_tokens"] for r in mine]
+        for key, label in (("ttft_no_cache_ms", "no cache"), ("ttft_cache_ms", "cache (device)"),
+                           ("ttft_cache_host_ms", "cache (host tier)"), ("ttft_ideal_ms", "ideal")):
+            ax.plot(x, [r[key] for r in mine], marker="o", label=label)
+        ax.set(xscale="log", yscale="log", xlabel="cached context tokens", ylabel="TTFT (ms)", title=m)
+        ax.set_xticks(x, [str(v) for v in x])
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend()
+    fig.suptitle(f"TTFT vs context ({rows[0]['device']})")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--models", default="llama,falcon,mpt", help="built-in bench shapes (comma-separated)")
+    p.add_argument("--model", help="a local checkpoint directory (overrides --models)")
+    p.add_argument("--hidden-size", type=int, default=BENCH_SHAPE["hidden_size"], help="built-in model width")
+    p.add_argument("--layers", type=int, default=BENCH_SHAPE["num_layers"], help="built-in model depth")
+    p.add_argument("--contexts", default="512,1024,2048,4096,8192", help="context lengths in tokens")
+    p.add_argument("--device", default="cpu", help="cpu or cuda")
+    p.add_argument("--dtype", default="auto", help="auto (float32 on cpu, bfloat16 on cuda), float32, ...")
+    p.add_argument("--repeat", type=int, default=5, help="timed repetitions per setting (median taken)")
+    p.add_argument("--decode-tokens", type=int, default=16, help="tokens decoded for time per output token")
+    p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
+    p.add_argument("--quick", action="store_true", help="llama only, contexts 512,2048, 2 repeats")
+    p.add_argument("--out", default="benchmarks/results", help="directory for ttft.json and ttft.png")
+    p.add_argument("--name", default="ttft", help="file stem of the outputs")
+    args = p.parse_args(argv)
+    if args.quick:
+        args.models, args.repeat = "llama", min(args.repeat, 2)
+        args.decode_tokens = min(args.decode_tokens, 4)
+        if args.contexts == p.get_default("contexts"):
+            args.contexts = "512,2048"
+    args.contexts = [int(c) for c in args.contexts.split(",")]
+    args.models = [args.model] if args.model else [m.strip() for m in args.models.split(",") if m.strip()]
+    return args
+
+
+def main(argv: list[str] | None = None) -> list[dict]:
+    args = parse_args(argv)
+    load_start = load_average()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = resolve_device(args.device)
+    dtype = resolve_dtype(args.dtype, device)
+    torch.manual_seed(0)
+    rows = []
+    for name in args.models:
+        rows += run_model(name, args, device, dtype)
+    print()
+    print(table(rows, COLUMNS))
+    payload = {"benchmark": "ttft", "hardware": hardware(device), "device": str(device), "dtype": str(dtype),
+               "date": datetime.datetime.now().isoformat(timespec="seconds"), "versions": versions(),
+               "load_average_1m": {"start": load_start, "end": load_average()},
+               "argv": sys.argv[1:] if argv is None else list(argv), "rows": rows}
+    path = write_json(args.out, f"{args.name}.json", payload)
+    png = plot(rows, Path(args.out) / f"{args.name}.png")
+    print(f"\nwrote {path}" + (f" and {png}" if png else ""))
+    return rows
+
+
+if __name__ == "__main__":
+    main()

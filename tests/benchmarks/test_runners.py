@@ -1,0 +1,52 @@
+"""Smoke tests: the benchmark scripts run end to end on tiny shapes and write their JSON.
+
+Speed is never asserted here (benchmarks/ measures it); only that the runners work and that the
+exact setup agrees.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from benchmarks import quality, ttft
+
+TTFT_FIELDS = {"model", "device", "context_tokens", "new_tokens", "ttft_no_cache_ms", "ttft_cache_ms",
+               "ttft_ideal_ms", "speedup", "encode_ms", "splice_ms", "tpot_ms", "kv_bytes_per_token",
+               "ttft_cache_host_ms"}
+
+
+@pytest.mark.parametrize("models", ["llama", "falcon,mpt"])
+def test_ttft_runner(tmp_path, models):
+    rows = ttft.main(["--quick", "--models", models, "--contexts", "48,96", "--hidden-size", "64",
+                      "--layers", "2", "--repeat", "1", "--decode-tokens", "2", "--out", str(tmp_path)])
+    assert len(rows) == 2 * len(models.split(","))
+    payload = json.loads((tmp_path / "ttft.json").read_text())
+    assert payload["hardware"] and payload["versions"]["torch"]
+    for row in payload["rows"]:
+        assert TTFT_FIELDS <= set(row)
+        assert 40 <= row["context_tokens"] <= 100 and row["new_tokens"] > 0
+        assert row["ttft_cache_ms"] > 0 and row["kv_bytes_per_token"] > 0
+        assert row["ideal_max_abs_logit_diff"] < 1e-3  # the ideal computes what the engine computes
+    assert (tmp_path / "ttft.png").exists()
+
+
+def test_ttft_rejects_unknown_model(tmp_path):
+    with pytest.raises(SystemExit):
+        ttft.main(["--models", "gpt9", "--contexts", "32", "--out", str(tmp_path)])
+
+
+def test_quality_runner(tmp_path, capsys):
+    rows = quality.main(["--quick", "--models", "llama,mpt", "--limit", "2", "--max-new-tokens", "4",
+                         "--datasets", "qa_sample,multidoc_sample", "--out", str(tmp_path)])
+    payload = json.loads((tmp_path / "quality.json").read_text())
+    assert payload["exact_setup_agreement_ok"] is True
+    assert {(r["model"].split("-")[0], r["setup"]) for r in rows} == {
+        (m, s) for m in ("llama", "mpt") for s in ("single", "multi")}
+    for row in rows:
+        assert {"dataset", "metric", "n", "score_no_cache", "score_cache", "agreement"} <= set(row)
+        assert 0 <= row["agreement"] <= 1 and 0 <= row["score_cache"] <= 100
+        if row["setup"] == "single":
+            assert row["agreement"] == 1.0
+    assert "agreement 1.000" in capsys.readouterr().out
