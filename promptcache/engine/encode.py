@@ -53,18 +53,25 @@ def encode_schema(adapter, layout: SchemaLayout, want: set[str] | None = None,
     groups: dict[tuple, list[int]] = defaultdict(list)
     for i in todo:
         p = layout.passes[i]
+        if not p.token_ids:  # an empty union member (e.g. <module name="none"/>): nothing to run
+            groups[(p.parent, p.prefix_len, ("empty", i))].append(i)
+            continue
         # Batch members of one union only when their positions are consecutive (no nested gaps).
         # NOTE: the start is part of the key: two unions after empty scaffolds share a prefix, but
         # a batch runs at one set of positions.
         batchable = p.positions == tuple(range(p.positions[0], p.positions[0] + len(p.positions)))
         groups[(p.parent, p.prefix_len, p.positions[0] if batchable else ("alone", i))].append(i)
-    full: dict[int, KVStates] = {}   # each pass's states, prefix included (views)
+    full: dict[int, KVStates | None] = {}   # each pass's states, prefix included (views)
     pieces: dict[str, list[KVStates]] = defaultdict(list)
     total = sum(len(layout.passes[i].token_ids) for i in todo)
     with tqdm(total=total, desc=f"encoding {layout.name}", unit="tok", disable=not progress,
               leave=False) as bar:
         for (parent, prefix_len, _), members in groups.items():
-            prefix = full[parent].slice(0, prefix_len) if parent is not None else None
+            context = full[parent] if parent is not None else None
+            prefix = context.slice(0, prefix_len) if context is not None else None
+            if not layout.passes[members[0]].token_ids:
+                full[members[0]] = prefix  # nested unions inside an empty member see just its prefix
+                continue
             for i, states in zip(members, _run_group(adapter, layout, members, prefix)):
                 full[i] = states
                 _collect(layout.passes[i], states.slice(prefix_len, len(states)), pieces)
