@@ -84,7 +84,7 @@ def bind(prompt: Prompt, layout: SchemaLayout, tokenizer) -> PromptPlan:
     for path in sorted(chosen, key=lambda p: (layout.modules[p].start, p.count("/"))):
         mod = layout.modules[path]
         new = not mod.cache
-        if not new:
+        if not new and mod.token_ids:  # an empty module (e.g. a "none" union member) has no states
             cached.append(path)
         pieces.extend((p, t, new) for t, p in zip(mod.token_ids, mod.positions))
         for name, ids in chosen[path].items():
