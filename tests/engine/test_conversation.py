@@ -1,0 +1,77 @@
+"""`Conversation`: every turn reuses all earlier turns and answers as the uncached model would."""
+
+from __future__ import annotations
+
+from itertools import pairwise
+
+import pytest
+
+from .conftest import ARCHS, make_engine
+
+TURNS = ("Plan a trip to the city.", "Which hotel is near the water?", "And the flight?")
+N = 6
+
+
+@pytest.fixture(scope="module", params=ARCHS)
+def conv(request):
+    """One three-turn conversation per architecture, shared by the read-only tests below."""
+    conv = make_engine(request.param).chat(system="You plan trips.")
+    for text in TURNS:
+        conv.send(text, max_new_tokens=N)
+    return conv
+
+
+def test_messages_in_order(conv):
+    roles = [m["role"] for m in conv.messages]
+    assert roles == ["system"] + ["user", "assistant"] * len(TURNS)
+    assert conv.messages[0]["content"] == "You plan trips."
+    assert [m["content"] for m in conv.messages if m["role"] == "user"] == list(TURNS)
+
+
+def test_each_turn_reuses_the_previous(conv):
+    us = conv.usages
+    assert len(us) == len(TURNS) and us[0].cached_tokens == 0
+    for prev, cur in pairwise(us):
+        assert cur.cached_tokens >= prev.input_tokens
+        assert cur.input_tokens > prev.input_tokens
+
+
+def test_usage_table_rows(conv):
+    rows = conv.usage_rows()
+    assert [r["turn"] for r in rows] == [1, 2, 3]
+    for r, u in zip(rows, conv.usages, strict=True):
+        assert (r["input"], r["cache_reads"], r["cache_writes"], r["output"]) == (
+            u.input_tokens, u.cached_tokens, u.cache_write_tokens, u.output_tokens)
+    lines = conv.usage_table().splitlines()
+    assert len(lines) == 1 + len(TURNS) and "reads" in lines[0]
+    for line, u in zip(lines[1:], conv.usages, strict=True):
+        assert line.split()[:5] == [str(x) for x in (
+            lines.index(line), u.input_tokens, u.cached_tokens, u.cache_write_tokens, u.output_tokens)]
+
+
+def test_plot_usage_writes_png(conv, tmp_path):
+    pytest.importorskip("matplotlib")
+    path = conv.plot_usage(tmp_path / "u.png")
+    assert path == tmp_path / "u.png"
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_turns_equal_uncached_generate(conv):
+    engine = conv.engine
+    replies = [m for m in conv.messages if m["role"] == "assistant"]
+    for i, reply in enumerate(replies):
+        upto = conv.messages[: 2 + 2 * i]  # system + (user, assistant) * i + this user turn
+        assert upto[-1]["role"] == "user"
+        plain = engine.generate(upto, max_new_tokens=N, enable_cache=False)
+        assert plain.text == reply["content"]
+        assert plain.usage.input_tokens == conv.usages[i].input_tokens
+
+
+def test_namespace_and_no_system():
+    engine = make_engine("llama")
+    a = engine.chat(namespace="a")
+    assert a.messages == []
+    first = a.send("Plan a trip.", max_new_tokens=N)
+    b = engine.chat(namespace="b")
+    other = b.send("Plan a trip.", max_new_tokens=N)
+    assert other.usage.cached_tokens == 0 and other.token_ids == first.token_ids
