@@ -1,0 +1,103 @@
+"""The `promptcache` command line, run as `python -m promptcache` in a subprocess."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+SCHEMAS = ROOT / "schemas"
+EXAMPLES = sorted(SCHEMAS.glob("*.xml"))
+PERSONA = ["--schema", str(SCHEMAS / "persona.xml"), "--prompt", str(SCHEMAS / "persona.prompt.xml")]
+
+
+def cli(*args: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    return subprocess.run([sys.executable, "-m", "promptcache", *args], cwd=ROOT, capture_output=True,
+                          text=True, timeout=600, env=env)
+
+
+@pytest.mark.parametrize("command", [[], ["validate"], ["run"], ["layout"]],
+                         ids=lambda c: " ".join(c) or "top")
+def test_help(command):
+    out = cli(*command, "--help")
+    assert out.returncode == 0, out.stderr
+    assert "usage:" in out.stdout
+
+
+def test_validate_every_example():
+    assert EXAMPLES, "no example schemas found"
+    out = cli("validate", *map(str, EXAMPLES))
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert out.stdout.count(": OK") == len(EXAMPLES)
+
+
+def test_validate_reports_file_line_column(tmp_path):
+    bad = tmp_path / "broken.xml"
+    bad.write_text('<schema name="s">\n  <module name="a">\n    <parameter name="p"/>\n'
+                   '  </module>\n</schema>\n')
+    good = SCHEMAS / "codegen.xml"
+    out = cli("validate", str(good), str(bad))
+    assert out.returncode == 1
+    assert f"{good}: OK" in out.stdout
+    assert re.search(re.escape(str(bad)) + r":3:\d+: \S", out.stdout), out.stdout
+    assert "Traceback" not in out.stderr
+
+
+def test_validate_missing_file(tmp_path):
+    out = cli("validate", str(tmp_path / "nope.xml"))
+    assert out.returncode == 1
+    assert "nope.xml" in out.stdout
+    assert "Traceback" not in out.stderr
+
+
+def test_run_json():
+    out = cli("run", *PERSONA, "--tiny", "llama", "--max-new-tokens", "4", "--device", "cpu", "--json")
+    assert out.returncode == 0, out.stderr
+    result = json.loads(out.stdout)
+    assert isinstance(result["text"], str)
+    usage = result["usage"]
+    assert usage["input_tokens"] > usage["cached_tokens"] > 0
+    assert 0 < usage["output_tokens"] <= 4 or result["finish_reason"] == "stop"
+    assert usage["ttft_s"] > 0
+
+
+@pytest.mark.parametrize("arch", ["falcon", "mpt"])
+def test_run_streams_then_prints_usage(arch):
+    out = cli("run", *PERSONA, "--tiny", arch, "--max-new-tokens", "4", "--no-cache", "--seed", "0",
+              "--temperature", "0.8", "--top-p", "0.9", "--top-k", "20")
+    assert out.returncode == 0, out.stderr
+    assert re.search(r"TTFT \d+ ms; input \d+ tokens \(0 cached\)", out.stdout), out.stdout
+
+
+def test_run_plain_text_prompt():
+    out = cli("run", "--schema", str(SCHEMAS / "codegen.xml"), "--prompt", "What does store.py do?",
+              "--tiny", "llama", "--max-new-tokens", "2", "--json")
+    assert out.returncode == 0, out.stderr
+    usage = json.loads(out.stdout)["usage"]
+    assert usage["cached_tokens"] > 1000   # every file of the package was spliced in
+
+
+def test_run_unknown_module_is_a_user_error(tmp_path):
+    prompt = tmp_path / "p.xml"
+    prompt.write_text('<prompt schema="persona"><no_such_module/>hi</prompt>')
+    out = cli("run", "--schema", str(SCHEMAS / "persona.xml"), "--prompt", str(prompt), "--tiny", "llama")
+    assert out.returncode == 2
+    assert "no_such_module" in out.stderr
+    assert "Traceback" not in out.stderr
+
+
+def test_layout_lists_modules_with_positions():
+    out = cli("layout", "--schema", str(SCHEMAS / "travel.xml"))
+    assert out.returncode == 0, out.stderr
+    rows = [line.split() for line in out.stdout.splitlines()[2:]]
+    assert rows and rows[0][0] == "(root)"
+    for row in rows:
+        start, end, tokens = map(int, row[1:4])
+        assert start <= end and tokens <= end - start or row[0] == "(root)"

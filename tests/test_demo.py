@@ -1,0 +1,82 @@
+"""demo.py as a user runs it: a subprocess, offline, with the tiny built-in model for speed."""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+# The persona example is short (~240 tokens), so each run takes seconds on a CPU.
+FAST = ["--model_size", "tiny", "--max_new_tokens", "8", "--device", "cpu",
+        "--schema", str(ROOT / "schemas" / "persona.xml"),
+        "--prompt", str(ROOT / "schemas" / "persona.prompt.xml")]
+
+
+def run_demo(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(ROOT / "demo.py"), *args], cwd=ROOT, capture_output=True,
+                          text=True, timeout=600, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+
+
+def test_compare_reports_both_ttfts_and_matching_outputs():
+    out = run_demo(*FAST, "--compare")
+    assert out.returncode == 0, out.stderr
+    assert "RANDOM WEIGHTS" in out.stdout
+    assert re.search(r"TTFT cached:\s+\d+ ms", out.stdout)
+    assert re.search(r"TTFT uncached:\s+\d+ ms", out.stdout)
+    assert re.search(r"speed-up:\s+[\d.]+x", out.stdout)
+    assert "outputs match: yes" in out.stdout
+    assert "Traceback" not in out.stderr
+
+
+def load_demo_module():
+    spec = importlib.util.spec_from_file_location("demo", ROOT / "demo.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.parametrize("text, value", [("True", True), ("true", True), ("1", True),
+                                         ("False", False), ("false", False), ("0", False)])
+def test_enable_cache_values(text, value):
+    assert load_demo_module().parse_args([f"--enable_cache={text}"]).enable_cache is value
+
+
+@pytest.mark.parametrize("flag, cached", [("1", True), ("False", False)])
+def test_enable_cache_flag(flag, cached):
+    out = run_demo(*FAST, f"--enable_cache={flag}")
+    assert out.returncode == 0, out.stderr
+    assert re.search(r"TTFT: \d+ ms", out.stdout)
+    usage = re.search(r"usage: input (\d+) tokens, cached (\d+), output (\d+)", out.stdout)
+    assert usage, out.stdout
+    n_input, n_cached, _ = map(int, usage.groups())
+    assert n_input > 0
+    assert (n_cached > 0) == cached
+
+
+def test_bad_boolean_is_a_usage_error():
+    out = run_demo(*FAST, "--enable_cache=maybe")
+    assert out.returncode == 2
+    assert "True/False" in out.stderr
+
+
+def test_missing_schema_exits_2_without_traceback(tmp_path):
+    missing = tmp_path / "nope.xml"
+    out = run_demo(*FAST, "--schema", str(missing))
+    assert out.returncode == 2
+    assert str(missing) in out.stderr
+    assert "Traceback" not in out.stderr
+
+
+def test_malformed_pml_reports_line_and_column(tmp_path):
+    bad = tmp_path / "bad.xml"
+    bad.write_text('<schema name="s">\n  <module name="a">text\n  </modul>\n</schema>\n')
+    out = run_demo(*FAST, "--schema", str(bad))
+    assert out.returncode == 2
+    assert re.search(re.escape(str(bad)) + r":3:\d+: ", out.stderr), out.stderr
+    assert "Traceback" not in out.stderr
