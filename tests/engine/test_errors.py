@@ -1,0 +1,114 @@
+"""User mistakes raise PromptError/SchemaError naming the culprit, and the engine keeps serving."""
+
+from __future__ import annotations
+
+import pytest
+
+import promptcache as pc
+from promptcache.errors import PromptError, SchemaError
+
+from .conftest import ALL_DOCS_PROMPT, DOCS
+
+SHORT = """
+<schema name="short">
+  Be brief.
+  <module name="doc">The city has a hotel.</module>
+</schema>
+"""
+
+
+@pytest.fixture
+def served(engine):
+    engine.add_schema(DOCS)
+    return engine, engine.generate(ALL_DOCS_PROMPT, max_new_tokens=8)
+
+
+def still_serves(engine, expected):
+    assert engine.generate(ALL_DOCS_PROMPT, max_new_tokens=8).token_ids == expected.token_ids
+
+
+def test_unknown_schema_lists_the_added_ones(served):
+    engine, expected = served
+    with pytest.raises(PromptError) as info:
+        engine.generate('<prompt schema="nope"><intro/>Hi</prompt>')
+    assert "'nope'" in str(info.value) and "docs" in str(info.value)
+    still_serves(engine, expected)
+
+
+@pytest.mark.parametrize("kwargs, name", [
+    ({"temperature": -0.5}, "temperature"),
+    ({"top_p": 0}, "top_p"),
+    ({"top_p": 1.5}, "top_p"),
+    ({"max_new_tokens": 0}, "max_new_tokens"),
+    ({"top_k": -1}, "top_k"),
+    ({"repetition_penalty": 0}, "repetition_penalty"),
+    ({"stop": [""]}, "stop"),
+    ({"frequency_penalty": 0.5}, "frequency_penalty"),
+])
+def test_invalid_sampling_values_name_the_argument(served, kwargs, name):
+    engine, expected = served
+    with pytest.raises(PromptError, match=name):
+        engine.generate(ALL_DOCS_PROMPT, **kwargs)
+    with pytest.raises(PromptError, match=name):
+        list(engine.stream(ALL_DOCS_PROMPT, **kwargs))
+    still_serves(engine, expected)
+
+
+@pytest.mark.parametrize("prompt, error", [
+    ('<prompt schema="docs"><intro></prompt>', SchemaError),
+    ('<prompt schema="docs"><intro/>a < b</prompt>', SchemaError),
+    ('<prompt schema="docs"><intro/><intro/>Hi</prompt>', PromptError),
+    ('<prompt schema="docs"><outro/>Hi</prompt>', PromptError),
+    ('<prompt schema="docs"><intro days="3"/>Hi</prompt>', PromptError),
+])
+def test_bad_prompts_raise_and_leave_the_engine_working(served, prompt, error):
+    engine, expected = served
+    with pytest.raises(error):
+        engine.generate(prompt)
+    still_serves(engine, expected)
+
+
+def test_malformed_schema_is_a_schema_error_with_a_line(served):
+    engine, expected = served
+    with pytest.raises(SchemaError) as info:
+        engine.add_schema('<schema name="bad">\n<module name="x">text</schema>')
+    assert info.value.line is not None
+    assert set(engine.schemas) == {"docs"}
+    still_serves(engine, expected)
+
+
+@pytest.fixture
+def small(arch):
+    model, tok = pc.testing.tiny_model(arch, max_positions=64)
+    return pc.Engine(model, tok, progress=False)
+
+
+def test_schema_longer_than_the_context_window(small):
+    long = SHORT.replace("The city has a hotel.", "The city has a hotel by the water. " * 12)
+    with pytest.raises(PromptError) as info:
+        small.add_schema(long)
+    assert "'short'" in str(info.value) and "64" in str(info.value)
+    assert "short" not in small.schemas
+
+
+def test_prompt_longer_than_the_context_window(small):
+    small.add_schema(SHORT)
+    fits = '<prompt schema="short"><doc/>Where?</prompt>'
+    ok = small.generate(fits, max_new_tokens=4)
+    question = "Where is the hotel by the water? " * 10
+    with pytest.raises(PromptError) as info:
+        small.generate(f'<prompt schema="short"><doc/>{question}</prompt>')
+    assert "64" in str(info.value)
+    with pytest.raises(PromptError):
+        small.generate(f'<prompt schema="short"><doc/>{question}</prompt>', enable_cache=False)
+    assert small.generate(fits, max_new_tokens=4).token_ids == ok.token_ids
+
+
+def test_generation_stops_at_the_end_of_the_context_window(small):
+    small.add_schema(SHORT)
+    prompt = '<prompt schema="short"><doc/>Where is the hotel by the water, and the city?</prompt>'
+    plan, _ = small._plan(prompt)
+    room = 64 - plan.next_position
+    assert 0 < room < 40
+    out = small.generate(prompt, max_new_tokens=40, ignore_eos=True)
+    assert out.finish_reason == "length" and out.usage.output_tokens == room
