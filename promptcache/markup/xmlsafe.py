@@ -68,9 +68,10 @@ def read_text_file(path: Path, max_bytes: int, *, what: str, source: str | None 
     """
     name = source or str(path)
     try:
-        with open(path, "rb") as f:
+        # NOTE: O_NONBLOCK so that opening a FIFO cannot hang; only plain files are then read.
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
+        with os.fdopen(fd, "rb") as f:
             info = os.fstat(f.fileno())
-            # NOTE: a FIFO or device would block or never end; only plain files are read.
             if not stat.S_ISREG(info.st_mode):
                 raise SchemaError(f"{what} is not a regular file", line, source=name)
             if info.st_size > max_bytes:
@@ -136,12 +137,10 @@ def parse_xml(doc: Document) -> etree._Element:
 
 
 def _syntax_error(e: etree.XMLSyntaxError, doc: Document) -> SchemaError:
-    errors = list(e.error_log)
-    if errors:
-        first = errors[0]
-        return SchemaError(f"malformed XML: {first.message}", first.line, first.column, doc.name)
+    # NOTE: e.error_log may hold stale entries from earlier validations; e.msg is this error's.
     line, column = e.position if e.position else (None, None)
-    return SchemaError(f"malformed XML: {e.msg}", line, column, doc.name)
+    message = re.sub(r", line \d+, column \d+$", "", e.msg or "syntax error")
+    return SchemaError(f"malformed XML: {message}", line, column, doc.name)
 
 
 def _check_depth(root: etree._Element, name: str) -> None:
@@ -270,7 +269,7 @@ def _content_problem(el: etree._Element) -> Problem | None:
     line, tag = el.sourceline, el.tag
     if tag == "union" and text is not None:
         return f"<union> may only contain <module> members, not text {_excerpt(text)}", line, tag
-    if tag == "union" and not any(c.tag == "module" for c in _elements(el)):
+    if tag == "union" and not _elements(el):
         return "<union> needs at least one <module> member", line, tag
     if tag == "parameter" and text is not None:
         return "<parameter> must be empty, e.g. <parameter name=\"n\" length=\"8\"/>", line, tag
