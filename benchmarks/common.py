@@ -60,6 +60,26 @@ def time_ms(fn: Callable[[], object], device: torch.device | str, repeat: int = 
     return times
 
 
+Timed = Callable[[], object] | tuple[Callable[[], object], Callable[[], object]]
+
+
+def time_interleaved(settings: dict[str, Timed], device: torch.device | str, repeat: int = 5,
+                     warmup: int = 1) -> dict[str, list[float]]:
+    """Milliseconds per repetition of several settings, timed round-robin.
+
+    Each value is `fn` or `(fn, setup)`. Round-robin order means a load change on a shared machine
+    hits every setting alike, so ratios between them stay meaningful.
+    """
+    pairs = {k: v if isinstance(v, tuple) else (v, None) for k, v in settings.items()}
+    for fn, setup in pairs.values():
+        time_ms(fn, device, repeat=0, warmup=warmup, setup=setup)
+    times: dict[str, list[float]] = {k: [] for k in pairs}
+    for _ in range(repeat):
+        for k, (fn, setup) in pairs.items():
+            times[k] += time_ms(fn, device, repeat=1, warmup=0, setup=setup)
+    return times
+
+
 def median(values: Sequence[float]) -> float:
     return float(statistics.median(values))
 

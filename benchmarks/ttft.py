@@ -40,6 +40,7 @@ from benchmarks.common import (  # noqa: E402
     resolve_dtype,
     sync,
     table,
+    time_interleaved,
     time_ms,
     versions,
     write_json,
@@ -125,11 +126,21 @@ def measure(engine, tokenizer, model_label: str, context: int, args) -> dict:
     def first(cache: bool):
         return lambda: engine.generate(prompt, max_new_tokens=1, enable_cache=cache, ignore_eos=True)
 
-    no_cache = time_ms(first(False), dev, repeat=rep)
-    cached = time_ms(first(True), dev, repeat=rep)
     run, reset, out, plan = ideal_setup(engine, prompt)
-    ideal = time_ms(run, dev, repeat=rep, setup=reset)
-    spliced = time_ms(splice_setup(engine, prompt), dev, repeat=rep)
+    device_store, hosted = engine.store, host_store(engine, name)
+    assert hosted.tier_of(engine._key(name, "doc")) == "host"
+
+    def on_host():
+        # NOTE: the host tier is timed on the same engine with its store swapped for a host-only one:
+        # a second Engine would re-encode the module (and a second MptAdapter would not hook MPT).
+        engine.store = hosted
+        try:
+            first(True)()
+        finally:
+            engine.store = device_store
+
+    times = time_interleaved({"no_cache": first(False), "cache": first(True), "host": on_host,
+                              "ideal": (run, reset), "splice": splice_setup(engine, prompt)}, dev, repeat=rep)
     # Sanity: the ideal computes what the engine's cached prefill computes.
     reference = engine._prefill_cached(plan, engine.schema(name), len(plan.token_ids) + 1)[3]
     ideal_err = float((out["logits"][0, -1].float() - reference.float()).abs().max())
@@ -137,25 +148,17 @@ def measure(engine, tokenizer, model_label: str, context: int, args) -> dict:
     for _ in range(max(1, rep // 2) + 1):
         c = engine.generate(prompt, max_new_tokens=args.decode_tokens + 1, ignore_eos=True)
         tpot.append((c.usage.total_s - c.usage.ttft_s) * 1e3 / max(1, c.usage.output_tokens - 1))
-    # NOTE: the host tier is timed on the same engine with its store swapped for a host-only one:
-    # a second Engine would re-encode the module (and a second MptAdapter would not hook MPT).
-    device_store, engine.store = engine.store, host_store(engine, name)
-    try:
-        assert engine.store.tier_of(engine._key(name, "doc")) == "host"
-        host = time_ms(first(True), dev, repeat=rep)
-    finally:
-        engine.store = device_store
     sync(dev)
     stored = engine.store.get(engine._key(name, "doc"))
     for key in [k for k in engine.store.keys() if k.startswith(name + "\0")]:
         engine.store.remove(key)  # free this context's states before the next
     row = {"model": model_label, "device": str(dev), "context_tokens": plan.cached_token_count,
-           "new_tokens": len(plan.new_token_ids), "ttft_no_cache_ms": median(no_cache),
-           "ttft_cache_ms": median(cached), "ttft_ideal_ms": median(ideal)}
+           "new_tokens": len(plan.new_token_ids), "ttft_no_cache_ms": median(times["no_cache"]),
+           "ttft_cache_ms": median(times["cache"]), "ttft_ideal_ms": median(times["ideal"])}
     row["speedup"] = row["ttft_no_cache_ms"] / row["ttft_cache_ms"]
     row["cache_vs_ideal"] = row["ttft_cache_ms"] / row["ttft_ideal_ms"]
-    row.update(encode_ms=median(encode), splice_ms=median(spliced), tpot_ms=median(tpot[1:]),
-               kv_bytes_per_token=stored.nbytes // len(stored), ttft_cache_host_ms=median(host),
+    row.update(encode_ms=median(encode), splice_ms=median(times["splice"]), tpot_ms=median(tpot[1:]),
+               kv_bytes_per_token=stored.nbytes // len(stored), ttft_cache_host_ms=median(times["host"]),
                ideal_max_abs_logit_diff=ideal_err, repeat=rep)
     return row
 
@@ -217,12 +220,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--repeat", type=int, default=5, help="timed repetitions per setting (median taken)")
     p.add_argument("--decode-tokens", type=int, default=16, help="tokens decoded for time per output token")
     p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
-    p.add_argument("--quick", action="store_true", help="llama only, contexts 512,2048, 2 repeats")
+    p.add_argument("--quick", action="store_true", help="2 repeats; llama, contexts 512,2048 unless given")
     p.add_argument("--out", default="benchmarks/results", help="directory for ttft.json and ttft.png")
     p.add_argument("--name", default="ttft", help="file stem of the outputs")
     args = p.parse_args(argv)
     if args.quick:
-        args.models, args.repeat = "llama", min(args.repeat, 2)
+        args.repeat = min(args.repeat, 2)
+        if args.models == p.get_default("models"):
+            args.models = "llama"
         args.decode_tokens = min(args.decode_tokens, 4)
         if args.contexts == p.get_default("contexts"):
             args.contexts = "512,2048"
