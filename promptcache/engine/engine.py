@@ -119,20 +119,21 @@ class Engine:
                 for path, ctx in contexts.items():
                     self._disk_keys[self._key(layout.name, path)] = states_key(**self.identity, context=ctx)
             cacheable = {p for p, m in layout.modules.items() if m.cache and m.token_ids}
-            missing = cacheable - self._load(layout, cacheable)
+            missing = cacheable - set(self._load(layout, cacheable))
             if missing:
                 self._encode(layout, None if missing == cacheable else missing)
             self.schemas[layout.name] = layout
         return layout
 
-    def _load(self, layout: SchemaLayout, paths: set[str]) -> set[str]:
-        """Modules of `paths` loaded from the disk store into the module store."""
-        found = set()
+    def _load(self, layout: SchemaLayout, paths: set[str]) -> dict[str, KVStates]:
+        """States of `paths` found in the disk store (also put in the module store)."""
+        found = {}
         for path in paths if self.disk is not None else ():
             states = self.disk.load(self._disk_keys[self._key(layout.name, path)], device=self.device)
             if states is not None:
+                # NOTE: returned directly; a small budget may evict it from the store right away.
                 self.store.put(self._key(layout.name, path), states)
-                found.add(path)
+                found[path] = states
         if found:
             logger.info("loaded %d modules of %s from %s", len(found), layout.name, self.disk.root)
         return found
@@ -152,7 +153,10 @@ class Engine:
         if module not in layout.modules or not layout.modules[module].cache:
             valid = ", ".join(p for p, m in layout.modules.items() if m.cache and p) or "(none)"
             raise PromptError(f"schema '{schema}' has no cached module '{module}'; cached modules: {valid}")
-        self.store.pin(self._key(schema, module))
+        with self._lock:
+            if self._key(schema, module) not in self.store:
+                self._checkout(layout, [module])
+            self.store.pin(self._key(schema, module))
 
     @staticmethod
     def _key(schema: str, path: str) -> str:
@@ -249,7 +253,9 @@ class Engine:
             ids = list(plan.token_ids) + tracker.ids[: n_fed - len(plan.token_ids)]
             states = KVStates(tuple(ids), k_pos[:n_fed], tuple(la.keys[:, :, :n_fed] for la in cache.layers),
                               tuple(la.values[:, :, :n_fed] for la in cache.layers))
-            writes += self.prefix.insert(ids, states, namespace)
+            stored = self.prefix.insert(ids, states, namespace)
+            # usage counts prompt tokens only; generated tokens are stored too, for the next chat turn
+            writes += max(0, stored - (len(ids) - len(plan.token_ids)))
         total = time.perf_counter() - t0
         usage = Usage(len(plan.token_ids), n_cached, writes, len(tracker.ids), ttft or total, total, hit, written)
         out = Completion(tracker.text, tuple(tracker.ids), usage, finish)
@@ -335,8 +341,7 @@ class Engine:
         missing = {p for p, s in found.items() if s is None}
         written_tokens = 0
         if missing:
-            for p in self._load(layout, missing):
-                found[p] = self.store.get(self._key(layout.name, p))
+            found.update(self._load(layout, missing))
             missing = {p for p, s in found.items() if s is None}
         if missing:
             logger.info("re-encoding evicted modules of %s: %s", layout.name, sorted(missing))

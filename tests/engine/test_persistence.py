@@ -111,8 +111,6 @@ def test_evicted_modules_reload_from_disk(arch, tmp_path, encodes):
     assert out.token_ids == expected
 
 
-@pytest.mark.xfail(strict=True, reason="Engine._checkout re-reads loaded states from a store whose "
-                   "zero budget already dropped all but the last one, so the rest are re-encoded")
 def test_zero_budget_reloads_from_disk(tmp_path, encodes):
     engine = _engine("llama", tmp_path, device_budget_bytes=0, host_budget_bytes=0)
     engine.add_schema(DOCS)
@@ -143,7 +141,6 @@ def test_pin_keeps_module_resident(arch):
     assert "intro" in out.usage.modules_hit and "intro" not in out.usage.modules_written
 
 
-@pytest.mark.xfail(strict=True, reason="Engine.pin calls store.pin on an evicted key: StoreError")
 def test_pin_of_evicted_module():
     """Pinning a module that the budget already dropped should bring it back, not fail."""
     engine = make_engine("llama", device_budget_bytes=0, host_budget_bytes=0)

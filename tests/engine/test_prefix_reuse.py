@@ -58,8 +58,6 @@ def test_cache_write_tokens(engine):
     assert again.usage.cache_write_tokens == 0
 
 
-@pytest.mark.xfail(strict=True, reason="engine.py _run adds every inserted token, generated ones too, "
-                   "to cache_write_tokens")
 def test_cache_write_tokens_count_only_prompt_tokens(engine):
     """usage.py: cache_write_tokens are *prompt* tokens computed and stored by this request."""
     first = engine.generate(PROMPT, max_new_tokens=N, ignore_eos=True)
