@@ -28,9 +28,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from ..errors import PromptError
 from .chat import ChatFormat
-from .nodes import Module, Param, Prompt, RoleBlock, Schema, Selection, Text, Union
+from .nodes import Module, Param, RoleBlock, Schema, Text, Union
 
 ROOT = ""
 
