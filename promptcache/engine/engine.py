@@ -313,12 +313,15 @@ class Engine:
         """PML prompts: splice the selected modules' states, compute the new tokens at their positions."""
         parts, written, written_tokens = self._checkout(layout, plan.cached)
         new_ids, new_pos = list(plan.new_token_ids), list(plan.new_positions)
-        # The prompt's last token must be computed: its logits start the answer.
-        if parts and (not new_pos or max(new_pos) < int(parts[-1].positions[-1])):
-            last = parts[-1]
-            new_ids.append(last.token_ids[-1])
-            new_pos.append(int(last.positions[-1]))
-            parts[-1] = last.slice(0, len(last) - 1)
+        # The prompt's last token (highest position) must be computed: its logits start the answer.
+        # It may sit in any part (the root's text can follow a module), so split that part around it.
+        tops = [int(p.positions.max()) if len(p) else -1 for p in parts]
+        if parts and (not new_pos or max(new_pos) < max(tops)):
+            i = tops.index(max(tops))
+            j = int(parts[i].positions.argmax())
+            new_ids.append(parts[i].token_ids[j])
+            new_pos.append(tops[i])
+            parts[i:i + 1] = [parts[i].slice(0, j), parts[i].slice(j + 1, len(parts[i]))]
         parts = [p for p in parts if len(p)]
         dev = self.device
         if parts:

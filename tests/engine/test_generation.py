@@ -101,8 +101,6 @@ def test_prompt_without_new_tokens_computes_its_last_token(docs):
     assert cached.usage.cached_tokens == plan.cached_token_count - 1
 
 
-@pytest.mark.xfail(strict=True, reason="engine.py _prefill_cached recomputes the last token of the last "
-                   "spliced part, not the prompt's last token (here: root text after the module)")
 def test_prompt_ending_in_root_text_without_new_tokens(arch):
     engine = make_engine(arch)
     engine.add_schema('<schema name="t">Read this.<module name="a">The city has a hotel.</module>'
