@@ -36,7 +36,7 @@ def format_error(error: BaseException, fallback_source: str | None = None) -> st
             where += f":{error.line}" + (f":{error.column}" if error.column is not None else "")
         return f"{where}: {error.message}"
     if isinstance(error, OSError):
-        name = error.filename if error.filename is not None else fallback_source
+        name = error.filename
         reason = error.strerror or str(error)
         return f"{name}: {reason}" if name else reason
     return str(error)
@@ -59,7 +59,12 @@ def build_engine(*, model: str | None, tiny: str | None, device: str = "auto", p
 
     device = resolve_device(device)
     if model is not None:
-        return Engine.from_pretrained(model, device=device, progress=progress)
+        try:
+            return Engine.from_pretrained(model, device=device, progress=progress)
+        except (OSError, ValueError) as e:  # hub/transformers errors for a bad id or directory
+            if isinstance(e, PromptCacheError):
+                raise
+            raise PromptCacheError(f"cannot load model {str(model)!r}: {e}") from None
     from .testing import tiny_model
 
     shape = {"max_positions": TINY_MAX_POSITIONS, **tiny_shape}

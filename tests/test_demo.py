@@ -80,3 +80,20 @@ def test_malformed_pml_reports_line_and_column(tmp_path):
     assert out.returncode == 2
     assert re.search(re.escape(str(bad)) + r":3:\d+: ", out.stderr), out.stderr
     assert "Traceback" not in out.stderr
+
+
+def test_model_from_a_local_checkpoint(tmp_path):
+    from promptcache.testing import save_tiny
+
+    path = save_tiny(tmp_path / "tiny-llama", "llama")
+    out = run_demo(*FAST, "--model", str(path), "--compare")
+    assert out.returncode == 0, out.stderr
+    assert "RANDOM WEIGHTS" not in out.stdout
+    assert "outputs match: yes" in out.stdout
+
+
+def test_unloadable_model_exits_2(tmp_path):
+    out = run_demo(*FAST, "--model", str(tmp_path / "no-such-model"))
+    assert out.returncode == 2
+    assert "cannot load model" in out.stderr
+    assert "Traceback" not in out.stderr
