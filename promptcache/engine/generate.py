@@ -74,7 +74,10 @@ class TokenPicker:
         self.gen = None
         if not params.greedy:
             self.gen = torch.Generator(device=device)
-            self.gen.manual_seed(params.seed if params.seed is not None else torch.seed())
+            if params.seed is not None:
+                self.gen.manual_seed(params.seed)
+            else:  # NOTE: not torch.seed(), which would reseed the caller's global RNG
+                self.gen.seed()
 
     def __call__(self, logits: torch.Tensor, history: torch.Tensor) -> int:
         """logits [vocab] (float), history [1, n] every token so far (for the repetition penalty)."""
