@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+import torch
 
 from .conftest import ALL_DOCS_PROMPT, DOCS, make_engine
 
@@ -108,3 +109,11 @@ def test_prompt_ending_in_root_text_without_new_tokens(arch):
     prompt = '<prompt schema="t"><a/></prompt>'
     cached = engine.generate(prompt, max_new_tokens=6)
     assert cached.token_ids == engine.generate(prompt, max_new_tokens=6, enable_cache=False).token_ids
+
+
+def test_unseeded_sampling_leaves_the_global_rng_alone(docs):
+    torch.manual_seed(0)
+    expected = torch.rand(4)
+    torch.manual_seed(0)
+    docs.generate(ALL_DOCS_PROMPT, max_new_tokens=3, **SAMPLING)
+    assert torch.equal(torch.rand(4), expected)
