@@ -49,7 +49,8 @@ def load_document(source: str | os.PathLike, max_bytes: int) -> Document:
     """Return the text of `source` (XML text or a file path), refusing more than `max_bytes`."""
     if is_xml_text(source):
         text = str(source)
-        if len(text.encode("utf-8", "surrogatepass")) > max_bytes:
+        # Characters never outnumber bytes: the cheap test first, then the exact one.
+        if len(text) > max_bytes or len(text.encode("utf-8", "surrogatepass")) > max_bytes:
             raise SchemaError(f"document is larger than max_bytes={max_bytes}", source=STRING_SOURCE)
         return Document(text, STRING_SOURCE, None)
     path = Path(source)
@@ -386,7 +387,7 @@ def _mixed(el: etree._Element) -> list[str | etree._Element]:
 
 
 def _display(tag: str) -> str:
-    """`{ns}local` as lxml spells namespaced names, shown as a readable `prefix-less` name."""
+    """lxml's `{namespace}local` spelling shown as `prefix:local` (xi:, xml: or ns:)."""
     if tag.startswith("{"):
         ns, local = tag[1:].split("}", 1)
         prefix = "xi" if "XInclude" in ns else "xml" if ns.endswith("XML/1998/namespace") else "ns"
