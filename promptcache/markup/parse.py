@@ -88,6 +88,16 @@ def _collapse(space: str, at_edge: bool) -> str:
     return "\n" if "\n" in space else " "
 
 
+
+def _load_root(source: str | os.PathLike, max_bytes: int, tag: str):
+    """Read, parse and validate a document whose root must be `<tag>`."""
+    doc = load_document(source, max_bytes)
+    root = parse_xml(doc)
+    validate(root, doc)
+    if root.tag != tag:
+        raise SchemaError(f"expected a <{tag}> document, got <{root.tag}>", root.sourceline, source=doc.name)
+    return doc, root
+
 def parse_schema(source: str | os.PathLike, *, base_dir: str | os.PathLike | None = None,
                  max_bytes: int = 8 << 20) -> Schema:
     """Parse a `<schema>` document into a `Schema`.
@@ -101,12 +111,7 @@ def parse_schema(source: str | os.PathLike, *, base_dir: str | os.PathLike | Non
     Raises:
         SchemaError: malformed, hostile or invalid document, with line and column when known.
     """
-    doc = load_document(source, max_bytes)
-    root = parse_xml(doc)
-    validate(root, doc)
-    if root.tag != "schema":
-        raise SchemaError(f"expected a <schema> document, got <{root.tag}>", root.sourceline,
-                          source=doc.name)
+    doc, root = _load_root(source, max_bytes, "schema")
     if base_dir is None and doc.path is not None:
         base_dir = doc.path.parent
     build = _SchemaBuilder(doc, Path(base_dir) if base_dir is not None else None)
@@ -124,12 +129,7 @@ def parse_prompt(source: str | os.PathLike, *, max_bytes: int = 1 << 20) -> Prom
     Raises:
         SchemaError: malformed, hostile or invalid document, with line and column when known.
     """
-    doc = load_document(source, max_bytes)
-    root = parse_xml(doc)
-    validate(root, doc)
-    if root.tag != "prompt":
-        raise SchemaError(f"expected a <prompt> document, got <{root.tag}>", root.sourceline,
-                          source=doc.name)
+    doc, root = _load_root(source, max_bytes, "prompt")
     preserve = _preserves(root, False)
     selections: list[Selection] = []
     tail: list[Text | RoleBlock] = []
