@@ -172,12 +172,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--max-new-tokens", type=int, default=32)
     p.add_argument("--max-positions", type=int, default=8192, help="context window of built-in models")
     p.add_argument("--keep-outputs", action="store_true", help="store every output in the JSON")
-    p.add_argument("--quick", action="store_true", help="shipped samples, 12 new tokens")
+    p.add_argument("--quick", action="store_true", help="3 examples per task, 8 new tokens")
     p.add_argument("--out", default="benchmarks/results", help="directory for quality.json")
     p.add_argument("--name", default="quality", help="file stem of the output")
     args = p.parse_args(argv)
     if args.quick:
-        args.max_new_tokens = min(args.max_new_tokens, 12)
+        args.max_new_tokens = min(args.max_new_tokens, 8)
+        args.limit = 3 if args.limit is None else args.limit
     args.models = [args.model] if args.model else [m.strip() for m in args.models.split(",") if m.strip()]
     args.setups = [s.strip() for s in args.setups.split(",") if s.strip()]
     bad = [s for s in args.setups if s not in SETUPS]

@@ -131,8 +131,8 @@ def measure(engine, tokenizer, model_label: str, context: int, args) -> dict:
     assert hosted.tier_of(engine._key(name, "doc")) == "host"
 
     def on_host():
-        # NOTE: the host tier is timed on the same engine with its store swapped for a host-only one:
-        # a second Engine would re-encode the module (and a second MptAdapter would not hook MPT).
+        # NOTE: the host tier is timed on the same engine with its store swapped for a host-only one
+        # holding the same states: Engine(device_budget_bytes=0) would encode the module again.
         engine.store = hosted
         try:
             first(True)()
@@ -147,6 +147,7 @@ def measure(engine, tokenizer, model_label: str, context: int, args) -> dict:
     tpot = []
     for _ in range(max(1, rep // 2) + 1):
         c = engine.generate(prompt, max_new_tokens=args.decode_tokens + 1, ignore_eos=True)
+        assert not c.usage.response_cached, "timings must not come from the response cache"
         tpot.append((c.usage.total_s - c.usage.ttft_s) * 1e3 / max(1, c.usage.output_tokens - 1))
     sync(dev)
     stored = engine.store.get(engine._key(name, "doc"))
