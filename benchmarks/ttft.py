@@ -187,6 +187,7 @@ def plot(rows: list[dict], path: Path) -> Path | None:
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
+        import matplotlib.ticker
     except ImportError:
         print("matplotlib is not installed: skipping the plot (pip install matplotlib)")
         return None
@@ -199,6 +200,7 @@ def plot(rows: list[dict], path: Path) -> Path | None:
                            ("ttft_cache_host_ms", "cache (host tier)"), ("ttft_ideal_ms", "ideal")):
             ax.plot(x, [r[key] for r in mine], marker="o", label=label)
         ax.set(xscale="log", yscale="log", xlabel="cached context tokens", ylabel="TTFT (ms)", title=m)
+        ax.xaxis.set_minor_locator(matplotlib.ticker.NullLocator())
         ax.set_xticks(x, [str(v) for v in x])
         ax.grid(True, which="both", alpha=0.3)
         ax.legend()
