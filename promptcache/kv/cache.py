@@ -81,10 +81,6 @@ class SpliceLayer(CacheLayerMixin):
         self.length = min(self.length, max_length) if max_length >= 0 else max(0, self.length + max_length)
 
 
-def empty_layer_like(k: torch.Tensor, capacity: int, batch: int = 1) -> torch.Tensor:
-    return k.new_empty((batch, k.shape[1], capacity, k.shape[-1]))
-
-
 def splice(parts: list[KVStates], capacity: int, device: torch.device, dtype: torch.dtype,
            batch: int = 1) -> tuple[Cache, torch.Tensor]:
     """A `Cache` holding `parts` back to back (room for `capacity` tokens) and their positions."""
@@ -115,11 +111,3 @@ def empty_cache(num_layers: int, kv_heads: int, head_dim: int, capacity: int, de
         layers.append(SpliceLayer(kb, torch.empty_like(kb), 0))
     return Cache(layers=layers)
 
-
-def states_of(cache: Cache, token_ids, positions: torch.Tensor, start: int = 0, stop: int | None = None,
-              row: int = 0) -> KVStates:
-    """A contiguous copy of cache entries [start, stop) of batch row `row` as `KVStates`."""
-    stop = cache.layers[0].get_seq_length() if stop is None else stop
-    return KVStates(tuple(token_ids), positions.clone(),
-                    tuple(layer.keys[row:row + 1, :, start:stop].clone() for layer in cache.layers),
-                    tuple(layer.values[row:row + 1, :, start:stop].clone() for layer in cache.layers))
