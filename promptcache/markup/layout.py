@@ -215,7 +215,9 @@ class _Compiler:
         return pos
 
     def child(self, parent: str, node, pos: int, cache: bool, items: list) -> int:
-        join = (lambda name: f"{parent}/{name}" if parent else name)
+        def join(name: str) -> str:
+            return f"{parent}/{name}" if parent else name
+
         if isinstance(node, Param):
             given = encode_text(self.tok, node.scaffold or "")[: node.length]
             filler = given + (self.filler,) * (node.length - len(given))
