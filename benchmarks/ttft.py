@@ -10,7 +10,8 @@ filler prose) and the prompt imports it and asks a short question. Measured in o
   a ready contiguous `DynamicCache` holding the same prefix states: no parsing, no splicing, no
   position mask; the cache is re-cropped outside the timed region before each repetition.
 - encode_ms: `add_schema` (parse, compile, encode the module, store it).
-- splice_ms: copying the stored states into a fresh request cache (`kv.cache.splice`) alone.
+- splice_ms: copying the stored states into a request cache (`kv.cache.splice`, a block from the
+  engine's buffer pool, as requests get) alone.
 - tpot_ms: time per output token while decoding `--decode-tokens` tokens after the first.
 - kv_bytes_per_token: bytes of stored keys+values per cached token.
 
@@ -97,13 +98,18 @@ def ideal_setup(engine, prompt: str):
 
 
 def splice_setup(engine, prompt: str):
-    """A closure that splices the prompt's stored states into a fresh request cache."""
+    """A closure that splices the prompt's stored states into a request cache."""
     from promptcache.kv.cache import splice
 
     plan, layout = engine._plan(prompt)
     parts, _, _ = engine._checkout(layout, plan.cached)
     capacity = len(plan.token_ids) + 1
-    return lambda: splice(parts, capacity, engine.device, engine.adapter.dtype)
+
+    def spliced():  # as a request does: a block from the engine's pool, given back when done
+        cache, _ = splice(parts, capacity, engine.device, engine.adapter.dtype, pool=engine.pool)
+        engine.pool.give(cache.block)
+
+    return spliced
 
 
 def host_store(engine, schema_name: str):

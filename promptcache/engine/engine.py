@@ -18,6 +18,7 @@ import torch
 from ..errors import PromptError
 from ..kv.cache import empty_cache, splice
 from ..kv.disk import DiskStore, states_key
+from ..kv.pool import BufferPool
 from ..kv.prefix import PrefixTree
 from ..kv.states import KVStates
 from ..kv.store import ModuleStore
@@ -51,6 +52,8 @@ class Engine:
         response_cache_dir: answer identical deterministic requests from disk (off by default).
         prefix_cache: reuse the longest previously computed prefix of plain prompts and chats.
         prefix_budget_bytes: bytes of prefix states kept (None: unbounded), LRU leaves first.
+        pool_blocks: idle request caches kept for the next requests (None: 4 on the CPU, where a
+            fresh one page-faults; 0 elsewhere, where torch's caching allocator reuses memory).
         progress: show a progress bar while encoding.
     """
 
@@ -58,7 +61,8 @@ class Engine:
                  chat_format: str | ChatFormat | None = None, device_budget_bytes: int | None = None,
                  host_budget_bytes: int | None = None, ttl_s: float | None = None,
                  store_dir: str | os.PathLike | None = None, response_cache_dir: str | os.PathLike | None = None,
-                 prefix_cache: bool = True, prefix_budget_bytes: int | None = None, progress: bool = True):
+                 prefix_cache: bool = True, prefix_budget_bytes: int | None = None, pool_blocks: int | None = None,
+                 progress: bool = True):
         if device is not None:
             model = model.to(torch.device(device))
         self.model, self.tokenizer = model.eval(), tokenizer
@@ -66,6 +70,9 @@ class Engine:
         self.device = self.adapter.device
         self.chat_format = chat_format if isinstance(chat_format, ChatFormat) else \
             chat_format_for(tokenizer, model.config, chat_format)
+        if pool_blocks is None:
+            pool_blocks = 4 if self.device.type == "cpu" else 0
+        self.pool = BufferPool(pool_blocks)
         self.store = ModuleStore(self.device, device_budget_bytes, host_budget_bytes, ttl_s)
         self.schemas: dict[str, SchemaLayout] = {}
         self.progress = progress
@@ -248,14 +255,18 @@ class Engine:
         else:
             req = self._prefill_cached(plan, layout, capacity)
         cache, k_pos, n, logits, (n_cached, writes, hit, written) = req
-        tracker, finish, ttft, n_fed = yield from self._decode(plan, params, cache, k_pos, n, end, room, logits, t0)
-        if enable_cache and layout is None and self.prefix is not None:
-            ids = list(plan.token_ids) + tracker.ids[: n_fed - len(plan.token_ids)]
-            states = KVStates(tuple(ids), k_pos[:n_fed], tuple(la.keys[:, :, :n_fed] for la in cache.layers),
-                              tuple(la.values[:, :, :n_fed] for la in cache.layers))
-            stored = self.prefix.insert(ids, states, namespace)
-            # usage counts prompt tokens only; generated tokens are stored too, for the next chat turn
-            writes += max(0, stored - (len(ids) - len(plan.token_ids)))
+        try:
+            tracker, finish, ttft, n_fed = yield from self._decode(plan, params, cache, k_pos, n, end, room,
+                                                                   logits, t0)
+            if enable_cache and layout is None and self.prefix is not None:
+                ids = list(plan.token_ids) + tracker.ids[: n_fed - len(plan.token_ids)]
+                states = KVStates(tuple(ids), k_pos[:n_fed], tuple(la.keys[:, :, :n_fed] for la in cache.layers),
+                                  tuple(la.values[:, :, :n_fed] for la in cache.layers))
+                stored = self.prefix.insert(ids, states, namespace)  # copies: the block is reused
+                # usage counts prompt tokens only; generated tokens are stored too, for the next chat turn
+                writes += max(0, stored - (len(ids) - len(plan.token_ids)))
+        finally:
+            self.pool.give(cache.block)  # also when a stream is abandoned: nothing reads the cache after
         total = time.perf_counter() - t0
         usage = Usage(len(plan.token_ids), n_cached, writes, len(tracker.ids), ttft or total, total, hit, written)
         out = Completion(tracker.text, tuple(tracker.ids), usage, finish)
@@ -279,7 +290,8 @@ class Engine:
 
     def _new_cache(self, capacity: int):
         kv_heads, head_dim = self.adapter.kv_geometry
-        return empty_cache(self.adapter.num_layers, kv_heads, head_dim, capacity, self.device, self.adapter.dtype)
+        return empty_cache(self.adapter.num_layers, kv_heads, head_dim, capacity, self.device, self.adapter.dtype,
+                           pool=self.pool)
 
     def _prefill_full(self, plan: PromptPlan, capacity: int):
         """The baseline: every prompt token, contiguous positions, one plain prefill."""
@@ -301,7 +313,7 @@ class Engine:
                     parts.append(st.slice(0, min(left, len(st))))
                     left -= len(parts[-1])
             if parts:
-                cache, _ = splice(parts, capacity, self.device, self.adapter.dtype)
+                cache, _ = splice(parts, capacity, self.device, self.adapter.dtype, pool=self.pool)
         if not parts:
             cache = self._new_cache(capacity)
         k_pos = torch.arange(capacity, dtype=torch.long, device=self.device)
@@ -325,7 +337,7 @@ class Engine:
         parts = [p for p in parts if len(p)]
         dev = self.device
         if parts:
-            cache, past = splice(parts, capacity, dev, self.adapter.dtype)
+            cache, past = splice(parts, capacity, dev, self.adapter.dtype, pool=self.pool)
         else:
             cache, past = self._new_cache(capacity), torch.empty(0, dtype=torch.long, device=dev)
         n_cached = len(past)

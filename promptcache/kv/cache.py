@@ -12,6 +12,7 @@ from __future__ import annotations
 import torch
 from transformers.cache_utils import Cache, CacheLayerMixin
 
+from .pool import BufferPool
 from .states import KVStates
 
 
@@ -81,33 +82,42 @@ class SpliceLayer(CacheLayerMixin):
         self.length = min(self.length, max_length) if max_length >= 0 else max(0, self.length + max_length)
 
 
+class RequestCache(Cache):
+    """A `Cache` of `SpliceLayer`s viewing one block [2, layers, batch, kv_heads, capacity, head_dim]."""
+
+    def __init__(self, block: torch.Tensor, length: int):
+        super().__init__(layers=[SpliceLayer(block[0, i], block[1, i], length) for i in range(block.shape[1])])
+        self.block = block
+
+
+def _block(pool: BufferPool | None, num_layers: int, batch: int, kv_heads: int, capacity: int, head_dim: int,
+           dtype: torch.dtype, device) -> torch.Tensor:
+    if pool is not None:
+        return pool.take(num_layers, batch, kv_heads, capacity, head_dim, dtype, device)
+    return torch.empty((2, num_layers, batch, kv_heads, capacity, head_dim), dtype=dtype, device=device)
+
+
 def splice(parts: list[KVStates], capacity: int, device: torch.device, dtype: torch.dtype,
-           batch: int = 1) -> tuple[Cache, torch.Tensor]:
-    """A `Cache` holding `parts` back to back (room for `capacity` tokens) and their positions."""
+           batch: int = 1, pool: BufferPool | None = None) -> tuple[RequestCache, torch.Tensor]:
+    """A cache holding `parts` back to back (room for `capacity` tokens) and their positions.
+
+    With `pool`, the block comes from it; give `cache.block` back when the request is done.
+    """
     assert parts
     n = sum(len(p) for p in parts)
-    capacity = max(capacity, n)
-    layers = []
+    k0 = parts[0].keys[0]
+    block = _block(pool, parts[0].num_layers, batch, k0.shape[1], max(capacity, n), k0.shape[-1], dtype, device)
     for i in range(parts[0].num_layers):
-        k0 = parts[0].keys[i]
-        kb = torch.empty((batch, k0.shape[1], capacity, k0.shape[-1]), dtype=dtype, device=device)
-        vb = torch.empty_like(kb)
         at = 0
         for p in parts:
             m = len(p)
-            kb[:, :, at:at + m].copy_(p.keys[i], non_blocking=True)
-            vb[:, :, at:at + m].copy_(p.values[i], non_blocking=True)
+            block[0, i, :, :, at:at + m].copy_(p.keys[i], non_blocking=True)
+            block[1, i, :, :, at:at + m].copy_(p.values[i], non_blocking=True)
             at += m
-        layers.append(SpliceLayer(kb, vb, n))
     positions = torch.cat([p.positions.to(device) for p in parts])
-    return Cache(layers=layers), positions
+    return RequestCache(block, n), positions
 
 
 def empty_cache(num_layers: int, kv_heads: int, head_dim: int, capacity: int, device, dtype,
-                batch: int = 1) -> Cache:
-    layers = []
-    for _ in range(num_layers):
-        kb = torch.empty((batch, kv_heads, capacity, head_dim), dtype=dtype, device=device)
-        layers.append(SpliceLayer(kb, torch.empty_like(kb), 0))
-    return Cache(layers=layers)
-
+                batch: int = 1, pool: BufferPool | None = None) -> RequestCache:
+    return RequestCache(_block(pool, num_layers, batch, kv_heads, capacity, head_dim, dtype, device), 0)
