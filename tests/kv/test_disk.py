@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import threading
 
 import pytest
 import torch
@@ -13,6 +12,8 @@ from safetensors.torch import save_file
 from promptcache.errors import PromptCacheError, StoreError
 from promptcache.kv.disk import DiskStore, states_key
 from promptcache.kv.states import KVStates
+
+from .helpers import run_threads
 
 KEY = states_key(model="tiny", module="system", token_ids=[1, 2, 3])
 
@@ -170,25 +171,16 @@ def test_killed_writer_leaves_no_partial_file(tmp_path, monkeypatch):
 def test_concurrent_saves_and_loads(tmp_path):
     store = DiskStore(tmp_path)
     states = make_states()
-    errors: list[BaseException] = []
 
     def work(i: int) -> None:
-        try:
-            key = states_key(i=i % 4)
-            for _ in range(10):
-                store.save(key, states)
-                got = store.load(key)
-                assert got is not None
-                assert_same(got, states)
-        except BaseException as e:  # surfaced below
-            errors.append(e)
+        key = states_key(i=i % 4)
+        for _ in range(10):
+            store.save(key, states)
+            got = store.load(key)
+            assert got is not None
+            assert_same(got, states)
 
-    threads = [threading.Thread(target=work, args=(i,)) for i in range(8)]
-    for th in threads:
-        th.start()
-    for th in threads:
-        th.join()
-    assert not errors, errors[0]
+    run_threads(work)
     assert len(store.keys()) == 4
 
 

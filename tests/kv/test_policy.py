@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import threading
-
 import pytest
 
 from promptcache.errors import StoreError
 from promptcache.kv.policy import LRUPolicy
+
+from .helpers import run_threads
 
 
 class FakeClock:
@@ -140,9 +140,5 @@ def test_thread_safety_smoke():
             if i % 3 == 0:
                 p.remove(key)
 
-    threads = [threading.Thread(target=work, args=(t,)) for t in range(8)]
-    for th in threads:
-        th.start()
-    for th in threads:
-        th.join()
+    run_threads(work)
     assert p.used_bytes == len(p)

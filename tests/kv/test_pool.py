@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import threading
-
 import pytest
 import torch
 
@@ -11,6 +9,8 @@ from promptcache.errors import StoreError
 from promptcache.kv.cache import empty_cache, splice
 from promptcache.kv.pool import ROUND, BufferPool
 from promptcache.kv.states import KVStates
+
+from .helpers import run_threads
 
 LAYERS, HEADS, DIM = 2, 2, 4
 
@@ -77,23 +77,17 @@ def test_bad_size_is_a_store_error(bad):
 
 def test_threads_never_share_a_block():
     pool = BufferPool(max_blocks=8)
-    seen, errors = [], []
+    seen = []
 
-    def worker(tag: int):
+    def work(tag: int):
         for _ in range(200):
             block = take(pool, 10)
             block.fill_(tag)
-            if not bool((block == tag).all()):
-                errors.append(tag)
+            assert bool((block == tag).all()), "another thread wrote into this block"
             seen.append(block.data_ptr())
             pool.give(block)
 
-    threads = [threading.Thread(target=worker, args=(t,)) for t in range(4)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    assert not errors
+    run_threads(work, 4)
     assert len(set(seen)) <= 4 + 8  # reuse happened: at most one live block per thread plus the idle ones
 
 

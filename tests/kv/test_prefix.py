@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import random
-import threading
 
 import pytest
 import torch
@@ -11,6 +10,8 @@ import torch
 from promptcache.errors import PromptCacheError
 from promptcache.kv.prefix import PrefixTree
 from promptcache.kv.states import KVStates
+
+from .helpers import run_threads
 
 LAYERS, HEADS, DIM = 2, 2, 4
 TOKEN_BYTES = LAYERS * 2 * HEADS * DIM * 4  # float32 k and v per token
@@ -232,27 +233,18 @@ def test_insert_validates_states(bad):
 
 def test_thread_safety_smoke():
     tree = PrefixTree(budget_bytes=60 * TOKEN_BYTES)
-    errors: list[BaseException] = []
 
     def work(seed: int) -> None:
         rng = random.Random(seed)
-        try:
-            for _ in range(200):
-                ids = [rng.randrange(3) for _ in range(rng.randrange(1, 12))]
-                if rng.random() < 0.5:
-                    tree.insert(ids, det_states(ids), namespace=str(seed % 2))
-                with tree.match(ids, namespace=str(seed % 2)) as m:
-                    if m.length:
-                        assert_same(m.states, det_states(ids[: m.length]))
-        except BaseException as e:  # surfaced below
-            errors.append(e)
+        for _ in range(200):
+            ids = [rng.randrange(3) for _ in range(rng.randrange(1, 12))]
+            if rng.random() < 0.5:
+                tree.insert(ids, det_states(ids), namespace=str(seed % 2))
+            with tree.match(ids, namespace=str(seed % 2)) as m:
+                if m.length:
+                    assert_same(m.states, det_states(ids[: m.length]))
 
-    threads = [threading.Thread(target=work, args=(seed,)) for seed in range(8)]
-    for th in threads:
-        th.start()
-    for th in threads:
-        th.join()
-    assert not errors, errors[0]
+    run_threads(work)
     assert tree.nbytes <= tree.budget_bytes
     assert tree.evict(10**9) == tree.num_tokens * TOKEN_BYTES or tree.nbytes == 0
     assert (len(tree), tree.nbytes, tree.num_tokens) == (0, 0, 0)
