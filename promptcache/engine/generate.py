@@ -6,6 +6,7 @@ Sampling maths comes from transformers' logits processors; each request has its 
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -88,10 +89,15 @@ class TokenPicker:
         return int(torch.multinomial(probs, 1, generator=self.gen))
 
 
+_BYTE_PIECE = re.compile(r"<0x[0-9A-Fa-f]{2}>")
+
+
 class TextTracker:
     """Turns generated ids into text, finds stop strings, and says what is safe to stream.
 
-    Text that could still become a stop string, or an unfinished UTF-8 character, is held back.
+    Held back: text that could still become a stop string, an unfinished UTF-8 character, and the
+    text of a trailing run of byte-fallback tokens ("<0x74>"): SentencePiece decodes a run of bytes
+    together, so "t" from <0x74> turns into "\ufffd\ufffd" when an invalid <0xF0> follows.
     """
 
     def __init__(self, tokenizer, stop: tuple[str, ...]):
@@ -99,9 +105,12 @@ class TextTracker:
         self.hold = max((len(s) for s in stop), default=1) - 1
         self.ids: list[int] = []
         self.text, self.emitted, self.stopped = "", 0, False
+        self.run_start = 0  # where the trailing run of byte tokens starts (len(ids) when there is none)
 
     def add(self, token_id: int) -> None:
         self.ids.append(token_id)
+        if not _BYTE_PIECE.fullmatch(str(self.tok.convert_ids_to_tokens(token_id))):
+            self.run_start = len(self.ids)
         self.text = self.tok.decode(self.ids, skip_special_tokens=True)
         hits = [i for i in (self.text.find(s, max(0, self.emitted - self.hold)) for s in self.stop) if i >= 0]
         if hits:
@@ -111,6 +120,8 @@ class TextTracker:
         end = len(self.text)
         if not final:
             end -= self.hold
+            if self.run_start < len(self.ids):
+                end = min(end, len(self.tok.decode(self.ids[: self.run_start], skip_special_tokens=True)))
             while end > self.emitted and self.text[end - 1] == "\ufffd":
                 end -= 1
         if end <= self.emitted:

@@ -5,6 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
+import promptcache as pc
+
 from .conftest import ALL_DOCS_PROMPT, DOCS, make_engine
 
 SAMPLING = {"temperature": 0.8, "top_k": 50, "top_p": 0.9}
@@ -117,3 +119,31 @@ def test_unseeded_sampling_leaves_the_global_rng_alone(docs):
     torch.manual_seed(0)
     docs.generate(ALL_DOCS_PROMPT, max_new_tokens=3, **SAMPLING)
     assert torch.equal(torch.rand(4), expected)
+
+
+# ---- streamed text: never emit what a later token could change ---------------------------------
+
+STREAM_CASES = [
+    ["▁about", "<0x74>", "<0xF0>", "▁the"],    # "t" from a byte token merges into an invalid byte run
+    ["▁a", "<0xE2>", "<0x82>", "<0xAC>", "▁b"],  # a 3-byte character (the euro sign) arriving bytewise
+    ["▁the", "▁city", "<0xF0>"],               # ends on an unfinished character
+]
+
+
+@pytest.mark.parametrize("pieces", STREAM_CASES, ids=["merged-byte", "utf8-bytes", "unfinished"])
+@pytest.mark.parametrize("stop", [(), ("ty",)])
+def test_streamed_deltas_are_stable_prefixes(pieces, stop):
+    from promptcache.engine.generate import TextTracker
+
+    tok = pc.testing.tiny_tokenizer()
+    ids = tok.convert_tokens_to_ids(pieces)
+    assert tok.unk_token_id not in ids, "every piece is in the tiny vocabulary"
+    tracker, streamed = TextTracker(tok, stop), ""
+    for i in ids:
+        tracker.add(i)
+        streamed += tracker.delta(final=False)
+        assert tok.decode(ids, skip_special_tokens=True).startswith(streamed) or tracker.stopped
+        if tracker.stopped:
+            break
+    streamed += tracker.delta(final=True)
+    assert streamed == tracker.text
