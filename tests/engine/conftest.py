@@ -8,7 +8,7 @@ import pytest
 
 import promptcache as pc
 
-ARCHS = ("llama", "falcon", "mpt")
+ARCHS = ("llama", "falcon", "mpt", "mistral", "qwen2")  # the three, and two more RoPE families
 
 
 @functools.cache
