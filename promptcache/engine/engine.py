@@ -102,9 +102,15 @@ class Engine:
         if dtype == "auto":
             dtype = "auto" if device != "cpu" else torch.float32
         elif isinstance(dtype, str):
+            if not isinstance(getattr(torch, dtype, None), torch.dtype):
+                raise PromptError(f"unknown dtype '{dtype}'; valid: auto, float32, float16, bfloat16")
             dtype = getattr(torch, dtype)
-        tokenizer = AutoTokenizer.from_pretrained(name_or_path)
-        model = AutoModelForCausalLM.from_pretrained(name_or_path, dtype=dtype).to(device)
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(name_or_path)
+            model = AutoModelForCausalLM.from_pretrained(name_or_path, dtype=dtype).to(device)
+        except OSError as e:  # a wrong path or hub id, no network, a checkpoint missing its files
+            raise PromptError(f"cannot load model '{name_or_path}': expected a local checkpoint directory "
+                              f"or a downloadable hub id ({e})") from e
         return cls(model, tokenizer, **kwargs)
 
     # ---- schemas ---------------------------------------------------------------------------
