@@ -23,7 +23,9 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 if str(REPO_ROOT) not in sys.path:  # run as `python benchmarks/x.py` from anywhere
     sys.path.insert(0, str(REPO_ROOT))
 
-BUILTIN = ("llama", "falcon", "mpt")
+from promptcache.testing import ARCHS  # noqa: E402
+
+BUILTIN = ARCHS  # llama, falcon, mpt, mistral, qwen2: random-weight bench shapes
 # The target shape: a small but real-width decoder (head_dim 64, 16 heads), random weights.
 BENCH_SHAPE = {"hidden_size": 1024, "num_layers": 8}
 

@@ -15,10 +15,10 @@ from benchmarks import quality, ttft
 
 TTFT_FIELDS = {"model", "device", "context_tokens", "new_tokens", "ttft_no_cache_ms", "ttft_cache_ms",
                "ttft_ideal_ms", "speedup", "encode_ms", "splice_ms", "tpot_ms", "kv_bytes_per_token",
-               "ttft_cache_host_ms"}
+               "ttft_cache_host_ms", "ttft_ideal_dynamic_ms"}
 
 
-@pytest.mark.parametrize("models", ["llama", "falcon,mpt"])
+@pytest.mark.parametrize("models", ["llama", "falcon,mpt", "mistral,qwen2"])
 def test_ttft_runner(tmp_path, models):
     rows = ttft.main(["--quick", "--models", models, "--contexts", "48,96", "--hidden-size", "64",
                       "--layers", "2", "--repeat", "1", "--decode-tokens", "2", "--out", str(tmp_path)])
