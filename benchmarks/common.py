@@ -167,8 +167,8 @@ _WORDS = ("the city hotel flight budget question answer document summary travel 
           "tell three want well also play end home read hand port even land here must high such").split()
 
 
-def _words(n: int) -> list[str]:
-    rng = random.Random(1234)
+def _words(n: int, seed: int = 1234) -> list[str]:
+    rng = random.Random(seed)
     out = []
     while len(out) < n:
         sentence = [rng.choice(_WORDS) for _ in range(rng.randint(6, 18))]
@@ -178,14 +178,14 @@ def _words(n: int) -> list[str]:
     return out[:n]
 
 
-def filler_text(tokenizer, n_tokens: int) -> str:
-    """Deterministic prose that tokenizes (without special tokens) to at most, and about, `n_tokens`."""
+def filler_text(tokenizer, n_tokens: int, seed: int = 1234) -> str:
+    """Deterministic prose (one text per seed) that tokenizes, without special tokens, to about `n_tokens`."""
     def count(k: int) -> int:
         return len(tokenizer(" ".join(words[:k]), add_special_tokens=False).input_ids)
 
-    words = _words(max(64, n_tokens * 2))
+    words = _words(max(64, n_tokens * 2), seed)
     while count(len(words)) < n_tokens:
-        words = _words(2 * len(words))
+        words = _words(2 * len(words), seed)
     lo, hi = 1, len(words)  # largest k with count(k) <= n_tokens
     while lo < hi:
         mid = (lo + hi + 1) // 2

@@ -11,7 +11,7 @@ import json
 
 import pytest
 
-from benchmarks import quality, ttft
+from benchmarks import gaps, quality, ttft
 
 TTFT_FIELDS = {"model", "device", "context_tokens", "new_tokens", "ttft_no_cache_ms", "ttft_cache_ms",
                "ttft_ideal_ms", "speedup", "encode_ms", "splice_ms", "tpot_ms", "kv_bytes_per_token",
@@ -53,3 +53,17 @@ def test_quality_runner(tmp_path, capsys):
         if row["setup"] == "single":
             assert row["agreement"] == 1.0
     assert "agreement 1.000" in capsys.readouterr().out
+
+
+def test_gaps_runner(tmp_path):
+    rows = gaps.main(["--quick", "--models", "llama,mpt", "--hidden-size", "64", "--layers", "2",
+                      "--doc-tokens", "24", "--questions", "2", "--max-new-tokens", "4", "--out", str(tmp_path)])
+    payload = json.loads((tmp_path / "gaps.json").read_text())
+    assert [(r["model"].split("-")[0], r["case"]) for r in payload["rows"]] == [
+        (m, c) for m in ("llama", "mpt") for c in ("exact", "skipped", "union", "parameter")]
+    for row in rows:
+        assert row["n"] == 2 and 0 <= row["top1_agreement"] <= 1 and row["mean_kl"] >= -1e-6
+        if row["case"] == "exact":  # the control: cached is the full prefill
+            assert row["agreement"] == 1.0 and row["top1_agreement"] == 1.0 and row["max_abs_logit_diff"] < 1e-3
+        else:  # position gaps and stale context change the logits (never bit-identical)
+            assert row["max_abs_logit_diff"] > 1e-4
