@@ -7,6 +7,7 @@ taken between measurements of the same run.
 
 from __future__ import annotations
 
+import datetime
 import json
 import os
 import platform
@@ -194,6 +195,14 @@ def filler_text(tokenizer, n_tokens: int, seed: int = 1234) -> str:
 
 
 # ---- output ---------------------------------------------------------------------------------------
+
+def result_payload(benchmark: str, device: torch.device, dtype: torch.dtype, load_start: float | None,
+                   argv: list[str] | None, rows: list[dict], **extra) -> dict:
+    """The JSON every benchmark writes: what ran, on what hardware and versions, under what load; its rows."""
+    return {"benchmark": benchmark, "hardware": hardware(device), "device": str(device), "dtype": str(dtype),
+            "date": datetime.datetime.now().isoformat(timespec="seconds"), "versions": versions(),
+            "load_average_1m": {"start": load_start, "end": load_average()},
+            "argv": sys.argv[1:] if argv is None else list(argv), **extra, "rows": rows}
 
 def write_json(out_dir: str | Path, name: str, payload: dict) -> Path:
     out = Path(out_dir)

@@ -25,7 +25,6 @@ maths' sensitivity, not answer quality; pass `--model PATH` for a real checkpoin
 from __future__ import annotations
 
 import argparse
-import datetime
 import statistics
 import sys
 from pathlib import Path
@@ -36,13 +35,12 @@ import torch  # noqa: E402
 
 from benchmarks.common import (  # noqa: E402
     filler_text,
-    hardware,
     load_average,
     load_model,
     resolve_device,
     resolve_dtype,
+    result_payload,
     table,
-    versions,
     write_json,
 )
 from benchmarks.metrics import token_f1  # noqa: E402
@@ -153,10 +151,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     rows = []
     for name in args.models:
         rows += run_model(name, args, device, dtype)
-    payload = {"benchmark": "gaps", "hardware": hardware(device), "device": str(device), "dtype": str(dtype),
-               "date": datetime.datetime.now().isoformat(timespec="seconds"), "versions": versions(),
-               "load_average_1m": {"start": load_start, "end": load_average()},
-               "argv": sys.argv[1:] if argv is None else list(argv), "rows": rows}
+    payload = result_payload("gaps", device, dtype, load_start, argv, rows)
     print(f"\nwrote {write_json(args.out, f'{args.name}.json', payload)}")
     return rows
 

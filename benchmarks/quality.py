@@ -19,7 +19,6 @@ and between cached and uncached outputs.
 from __future__ import annotations
 
 import argparse
-import datetime
 import statistics
 import sys
 from pathlib import Path
@@ -29,13 +28,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import torch  # noqa: E402
 
 from benchmarks.common import (  # noqa: E402
-    hardware,
     load_average,
     load_model,
     resolve_device,
     resolve_dtype,
+    result_payload,
     table,
-    versions,
     write_json,  # noqa: E402
 )
 from benchmarks.longbench import (  # noqa: E402
@@ -205,12 +203,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     print()
     print(table(rows, [c for c in COLUMNS if any(c[0] in r for r in rows)]))
     exact = exact_setup_check(rows)
-    payload = {"benchmark": "quality", "hardware": hardware(device), "device": str(device),
-               "dtype": str(dtype),
-               "date": datetime.datetime.now().isoformat(timespec="seconds"), "versions": versions(),
-               "load_average_1m": {"start": load_start, "end": load_average()},
-               "argv": sys.argv[1:] if argv is None else list(argv), "exact_setup_agreement_ok": exact,
-               "rows": rows}
+    payload = result_payload("quality", device, dtype, load_start, argv, rows, exact_setup_agreement_ok=exact)
     print(f"\nwrote {write_json(args.out, f'{args.name}.json', payload)}")
     return rows
 

@@ -26,7 +26,6 @@ filler prose) and the prompt imports it and asks a short question. Measured in o
 from __future__ import annotations
 
 import argparse
-import datetime
 import sys
 from pathlib import Path
 
@@ -36,17 +35,16 @@ import torch  # noqa: E402
 
 from benchmarks.common import (  # noqa: E402
     BENCH_SHAPE,
-    hardware,
     load_average,
     load_model,
     median,
     resolve_device,
     resolve_dtype,
+    result_payload,
     sync,
     table,
     time_interleaved,
     time_ms,
-    versions,
     write_json,
 )
 from benchmarks.common import filler_text as make_filler  # noqa: E402
@@ -283,10 +281,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
         rows += run_model(name, args, device, dtype)
     print()
     print(table(rows, COLUMNS))
-    payload = {"benchmark": "ttft", "hardware": hardware(device), "device": str(device), "dtype": str(dtype),
-               "date": datetime.datetime.now().isoformat(timespec="seconds"), "versions": versions(),
-               "load_average_1m": {"start": load_start, "end": load_average()},
-               "argv": sys.argv[1:] if argv is None else list(argv), "rows": rows}
+    payload = result_payload("ttft", device, dtype, load_start, argv, rows)
     path = write_json(args.out, f"{args.name}.json", payload)
     png = plot(rows, Path(args.out) / f"{args.name}.png")
     print(f"\nwrote {path}" + (f" and {png}" if png else ""))
