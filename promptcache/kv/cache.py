@@ -90,11 +90,7 @@ class RequestCache(Cache):
         self.block = block
 
 
-def _block(pool: BufferPool | None, num_layers: int, batch: int, kv_heads: int, capacity: int, head_dim: int,
-           dtype: torch.dtype, device) -> torch.Tensor:
-    if pool is not None:
-        return pool.take(num_layers, batch, kv_heads, capacity, head_dim, dtype, device)
-    return torch.empty((2, num_layers, batch, kv_heads, capacity, head_dim), dtype=dtype, device=device)
+_UNPOOLED = BufferPool(0)  # allocates exactly what is asked, keeps nothing
 
 
 def splice(parts: list[KVStates], capacity: int, device: torch.device, dtype: torch.dtype,
@@ -106,7 +102,8 @@ def splice(parts: list[KVStates], capacity: int, device: torch.device, dtype: to
     assert parts
     n = sum(len(p) for p in parts)
     k0 = parts[0].keys[0]
-    block = _block(pool, parts[0].num_layers, batch, k0.shape[1], max(capacity, n), k0.shape[-1], dtype, device)
+    block = (pool or _UNPOOLED).take(parts[0].num_layers, batch, k0.shape[1], max(capacity, n), k0.shape[-1],
+                                     dtype, device)
     for i in range(parts[0].num_layers):
         at = 0
         for p in parts:
@@ -120,4 +117,4 @@ def splice(parts: list[KVStates], capacity: int, device: torch.device, dtype: to
 
 def empty_cache(num_layers: int, kv_heads: int, head_dim: int, capacity: int, device, dtype,
                 batch: int = 1, pool: BufferPool | None = None) -> RequestCache:
-    return RequestCache(_block(pool, num_layers, batch, kv_heads, capacity, head_dim, dtype, device), 0)
+    return RequestCache((pool or _UNPOOLED).take(num_layers, batch, kv_heads, capacity, head_dim, dtype, device), 0)
