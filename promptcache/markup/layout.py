@@ -26,7 +26,10 @@ pass, i.e. everything before the union. Passes with the same parent and prefix a
 
 from __future__ import annotations
 
+import functools
+from collections.abc import Mapping
 from dataclasses import dataclass, field
+from types import MappingProxyType
 
 from .chat import ChatFormat
 from .nodes import Module, Param, RoleBlock, Schema, Text, Union
@@ -84,24 +87,25 @@ class ModuleLayout:
     def name(self) -> str:
         return self.path.rsplit("/", 1)[-1]
 
-    @property
+    # Derived once (a compiled layout never changes; bind() reads these on every request).
+    @functools.cached_property
     def runs(self) -> tuple[Run, ...]:
         return tuple(x for kind, x in self.items if kind == "run")
 
-    @property
-    def slots(self) -> dict[str, Slot]:
-        return {x.name: x for kind, x in self.items if kind == "slot"}
+    @functools.cached_property
+    def slots(self) -> Mapping[str, Slot]:
+        return MappingProxyType({x.name: x for kind, x in self.items if kind == "slot"})
 
-    @property
+    @functools.cached_property
     def children(self) -> tuple[str, ...]:
         """Direct child module paths, union members included."""
         return tuple(x for kind, x in self.items if kind == "module")
 
-    @property
+    @functools.cached_property
     def token_ids(self) -> tuple[int, ...]:
         return tuple(t for r in self.runs for t in r.token_ids)
 
-    @property
+    @functools.cached_property
     def positions(self) -> tuple[int, ...]:
         return tuple(p for r in self.runs for p in range(r.start, r.end))
 
