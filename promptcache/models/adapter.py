@@ -122,8 +122,10 @@ class MptAdapter(Adapter):
         cfg = self.config
         if getattr(cfg.attn_config, "alibi", True) is False:
             raise PromptCacheError("MPT without ALiBi is not supported")
-        # slopes: [heads, 1, 1]; bias for distance -1 is -slope.
-        self.slopes = -build_mpt_alibi_tensor(cfg.n_heads, 2, cfg.attn_config.alibi_bias_max)[:, :, :1]
+        # slopes: [heads, 1, 1]; bias for distance -1 is -slope. On the model's device from the start,
+        # so the per-forward .to() below is a no-op (unless the model is moved later).
+        slopes = -build_mpt_alibi_tensor(cfg.n_heads, 2, cfg.attn_config.alibi_bias_max)[:, :, :1]
+        self.slopes = slopes.to(self.device)
         # NOTE: one thread-local per model, shared by every adapter (engine) built on it: the hooks
         # are registered once and must see whichever engine is running.
         if not hasattr(model, "_promptcache_alibi"):
