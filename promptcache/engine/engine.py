@@ -24,7 +24,7 @@ from ..kv.states import KVStates
 from ..kv.store import ModuleStore
 from ..markup.bind import bind
 from ..markup.chat import ChatFormat, chat_format_for
-from ..markup.layout import PromptPlan, SchemaLayout, compile_schema
+from ..markup.layout import PromptPlan, SchemaLayout, compile_schema, leading_bos
 from ..markup.nodes import Prompt, Schema
 from ..markup.parse import is_pml, parse_prompt, parse_schema
 from ..models.adapter import adapter_for
@@ -77,6 +77,7 @@ class Engine:
         self.schemas: dict[str, SchemaLayout] = {}
         self.progress = progress
         self.stop_ids = eos_ids(model, tokenizer)
+        self._bos = leading_bos(tokenizer)  # prepended to plain prompts and chats
         self._lock = threading.RLock()
         self.prefix = PrefixTree(prefix_budget_bytes, ttl_s) if prefix_cache else None
         self.disk = DiskStore(store_dir) if store_dir is not None else None
@@ -230,7 +231,7 @@ class Engine:
             layout = self.schema(prompt.schema)
             return bind(prompt, layout, self.tokenizer), layout
         if isinstance(prompt, str) or (isinstance(prompt, Sequence) and not isinstance(prompt, bytes)):
-            return plain_plan(prompt, self.tokenizer, self.chat_format), None
+            return plain_plan(prompt, self.tokenizer, self.chat_format, self._bos), None
         raise PromptError(f"prompt must be PML text, a Prompt, plain text or a list of chat messages, "
                           f"got {type(prompt).__name__}")
 

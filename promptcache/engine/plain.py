@@ -11,7 +11,7 @@ from collections.abc import Mapping, Sequence
 
 from ..errors import PromptError
 from ..markup.chat import ChatFormat
-from ..markup.layout import PromptPlan, encode_text, leading_bos
+from ..markup.layout import PromptPlan, encode_text
 from ..markup.nodes import ROLES
 
 
@@ -30,8 +30,9 @@ def check_messages(messages: Sequence) -> list[dict[str, str]]:
     return out
 
 
-def chat_token_ids(messages: Sequence[Mapping[str, str]], tokenizer, chat: ChatFormat) -> list[int]:
-    ids = list(leading_bos(tokenizer))
+def chat_token_ids(messages: Sequence[Mapping[str, str]], tokenizer, chat: ChatFormat,
+                   bos: tuple[int, ...]) -> list[int]:
+    ids = list(bos)
     for m in messages:
         before, after = chat.roles[m["role"]]
         for piece in (before, m["content"], after):
@@ -41,12 +42,15 @@ def chat_token_ids(messages: Sequence[Mapping[str, str]], tokenizer, chat: ChatF
     return ids
 
 
-def plain_plan(prompt: str | Sequence, tokenizer, chat: ChatFormat) -> PromptPlan:
-    """A PromptPlan for a plain string or OpenAI-style messages: all tokens new, positions 0..n-1."""
+def plain_plan(prompt: str | Sequence, tokenizer, chat: ChatFormat, bos: tuple[int, ...]) -> PromptPlan:
+    """A PromptPlan for a plain string or OpenAI-style messages: all tokens new, positions 0..n-1.
+
+    `bos`: `markup.layout.leading_bos(tokenizer)`, computed once by the caller (it runs the tokenizer).
+    """
     if isinstance(prompt, str):
-        ids, stop = list(leading_bos(tokenizer)) + list(encode_text(tokenizer, prompt)), ()
+        ids, stop = list(bos) + list(encode_text(tokenizer, prompt)), ()
     else:
-        ids, stop = chat_token_ids(check_messages(prompt), tokenizer, chat), chat.stop
+        ids, stop = chat_token_ids(check_messages(prompt), tokenizer, chat, bos), chat.stop
     if not ids:
         raise PromptError("the prompt is empty")
     n = len(ids)
