@@ -29,12 +29,10 @@ from dataclasses import dataclass, field
 
 from ..errors import PromptCacheError
 from .nodes import ROLES, Module, Node, Param, Prompt, RoleBlock, Schema, Selection, Text, Union
+from .xmlsafe import MAX_PARAM_LENGTH, NAME_RE, RESERVED
 
 __all__ = ["SchemaBuilder", "make_prompt", "prompt_to_xml", "schema_to_xml", "select"]
 
-NAME_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_.\-]*")
-RESERVED = frozenset({"schema", "prompt", "module", "union", "parameter", *ROLES})
-MAX_PARAM_LENGTH = 4096  # the grammar's bound on <parameter length>
 _XML_ILLEGAL = re.compile("[^\t\n\r\x20-\ud7ff\ue000-\ufffd\U00010000-\U0010ffff]")
 
 

@@ -26,6 +26,8 @@ from lxml import etree
 
 from promptcache.errors import SchemaError
 
+from .nodes import ROLES
+
 MAX_DEPTH = 64
 STRING_SOURCE = "<string>"
 _RNG_PATH = Path(__file__).with_name("pml.rng")
@@ -193,10 +195,9 @@ def column_of(text: str, line: int | None, tag: str | None) -> int | None:
 
 # ---- wording the grammar's verdict -----------------------------------------------------------
 
-ROLE_TAGS = ("system", "user", "assistant")
-RESERVED = frozenset({"schema", "prompt", "module", "union", "parameter", *ROLE_TAGS})
+RESERVED = frozenset({"schema", "prompt", "module", "union", "parameter", *ROLES})
 NAME_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_.\-]*")
-MAX_PARAM_LENGTH = 4096
+MAX_PARAM_LENGTH = 4096  # the grammar's bound on <parameter length> (pml.rng)
 XML_SPACE = "{http://www.w3.org/XML/1998/namespace}space"
 _GRAMMAR_MOTTO = "module selections come first, then free text and turns"
 
@@ -208,7 +209,7 @@ _ATTRS: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {  # tag -> (requir
     "module": (("name",), ("cache", "src", "xml:space")),
     "union": ((), ("scaffold",)),
     "parameter": (("name", "length"), ("scaffold",)),
-    **{role: ((), ("xml:space",)) for role in ROLE_TAGS},
+    **{role: ((), ("xml:space",)) for role in ROLES},
 }
 
 
@@ -229,12 +230,12 @@ def _schema_problem(el: etree._Element, in_module: bool, role: etree._Element | 
     allowed = ["module"] if el.tag == "union" else [] if el.tag == "parameter" else ["module", "union"]
     if el.tag not in ("union", "parameter"):
         allowed += ["parameter"] if in_module else []
-        allowed += list(ROLE_TAGS) if role is None else []
+        allowed += list(ROLES) if role is None else []
     for child in _elements(el):
         problem = _placement_problem(child, el, allowed, role)
         if problem:
             return problem
-        nested_role = child if child.tag in ROLE_TAGS else role
+        nested_role = child if child.tag in ROLES else role
         problem = _schema_problem(child, in_module or child.tag == "module", nested_role)
         if problem:
             return problem
@@ -253,7 +254,7 @@ def _placement_problem(child: etree._Element, parent: etree._Element, allowed: l
         return f"<union> may only contain <module> members, not <{tag}>", line, tag
     if parent.tag == "parameter":
         return "<parameter> must be empty, e.g. <parameter name=\"n\" length=\"8\"/>", line, tag
-    if tag in ROLE_TAGS and role is not None:
+    if tag in ROLES and role is not None:
         return (f"<{tag}> cannot be nested inside <{role.tag}> (line {role.sourceline}): "
                 "roles do not nest", line, tag)
     if tag == "parameter":
@@ -328,7 +329,7 @@ def _prompt_problem(root: etree._Element) -> Problem | None:
             tail_start = tail_start or (f"the text {_excerpt(item)}" if item.strip() else None)
             continue
         tag, line = _display(item.tag), item.sourceline
-        if item.tag in ROLE_TAGS:
+        if item.tag in ROLES:
             tail_start = tail_start or f"<{tag}> (line {line})"
             problem = _attr_problem(item) or _turn_problem(item)
         elif tag != item.tag or tag in RESERVED:
