@@ -79,15 +79,9 @@ def encode_schema(adapter, layout: SchemaLayout, want: set[str] | None = None,
     out = {}
     for path, parts in pieces.items():
         if layout.modules[path].cache and (want is None or path in want):
-            out[path] = KVStates.concat(parts) if len(parts) > 1 else _own(parts[0])
+            out[path] = KVStates.concat(parts)  # a compact copy: never keeps a pass buffer alive
     logger.info("encoded schema %s: %d passes, %d tokens, %d modules", layout.name, len(todo), total, len(out))
     return out
-
-
-def _own(s: KVStates) -> KVStates:
-    """A compact copy, so a module's states never keep a whole pass buffer alive."""
-    return KVStates(s.token_ids, s.positions.clone(), tuple(k.clone() for k in s.keys),
-                    tuple(v.clone() for v in s.values))
 
 
 def _collect(p: EncodePass, own: KVStates, pieces: dict[str, list[KVStates]]) -> None:

@@ -150,7 +150,7 @@ class PrefixTree:
                 self._touch_path(path[-1])
             if length == len(ids):
                 return 0
-            new = _contiguous(states.slice(length, len(ids)))
+            new = KVStates.concat([states.slice(length, len(ids))])
             if not self._make_room(new.nbytes, protect=path):
                 return 0
             if not path:
@@ -240,8 +240,8 @@ class PrefixTree:
     def _split(self, node: _Node, k: int) -> _Node:
         """Cut `node` after its first `k` tokens; returns the new head (the node keeps the tail)."""
         assert node.parent is not None and node.states is not None and 0 < k < len(node.tokens)
-        head = _Node(node.tokens[:k], _contiguous(node.states.slice(0, k)), node.parent, node.namespace)
-        tail = _contiguous(node.states.slice(k, len(node.tokens)))
+        head = _Node(node.tokens[:k], KVStates.concat([node.states.slice(0, k)]), node.parent, node.namespace)
+        tail = KVStates.concat([node.states.slice(k, len(node.tokens))])
         node.parent.children[head.tokens[0]] = head
         node.tokens, node.states, node.parent = node.tokens[k:], tail, head
         head.children[node.tokens[0]] = node
@@ -320,15 +320,6 @@ def _common_length(span: tuple[int, ...], ids: tuple[int, ...], start: int) -> i
     while i < n and span[i] == ids[start + i]:
         i += 1
     return i
-
-
-def _contiguous(states: KVStates) -> KVStates:
-    """A copy that owns compact storage (a slice's view would keep the whole source tensor alive)."""
-    def copy(t: torch.Tensor) -> torch.Tensor:
-        return t.clone(memory_format=torch.contiguous_format)
-
-    return KVStates(states.token_ids, copy(states.positions), tuple(map(copy, states.keys)),
-                    tuple(map(copy, states.values)))
 
 
 def _check_states(ids: tuple[int, ...], states: KVStates) -> None:

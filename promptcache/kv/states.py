@@ -65,7 +65,8 @@ class KVStates:
 
     @staticmethod
     def concat(parts: list[KVStates]) -> KVStates:
-        """One contiguous copy of several runs, in the given order."""
+        """One contiguous copy of one or more runs, in the given order (owns its storage: a copy of a
+        slice does not keep the sliced tensors alive)."""
         assert parts
         return KVStates(
             tuple(t for p in parts for t in p.token_ids),
