@@ -145,9 +145,8 @@ def decode_tokens(step, first_logits: torch.Tensor, prompt_ids: list[int], param
     `step(token) -> logits` runs one decode step; `room` is how many tokens fit in the context.
     """
     pick = TokenPicker(params, device)
-    history = torch.tensor([prompt_ids], dtype=torch.long, device=device)
     hist_buf = torch.empty((1, len(prompt_ids) + params.max_new_tokens), dtype=torch.long, device=device)
-    hist_buf[:, : len(prompt_ids)] = history
+    hist_buf[0, : len(prompt_ids)] = torch.tensor(prompt_ids, dtype=torch.long)
     n, logits = len(prompt_ids), first_logits
     for i in range(min(params.max_new_tokens, room)):
         token = pick(logits, hist_buf[:, :n])

@@ -156,10 +156,6 @@ class LRUPolicy:
         with self._lock:
             return self._get(key).refs > 0
 
-    def is_pinned(self, key: Key) -> bool:
-        with self._lock:
-            return self._get(key).pinned
-
     def order(self) -> list[Key]:
         """All keys, least recently used first."""
         with self._lock:

@@ -48,12 +48,6 @@ class PrefixHandle:
     def release(self) -> None:
         self._tree._release(self)
 
-    def __enter__(self) -> PrefixHandle:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.release()
-
 
 @dataclass(frozen=True)
 class PrefixMatch:
