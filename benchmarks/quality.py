@@ -38,6 +38,7 @@ from benchmarks.common import (  # noqa: E402
 )
 from benchmarks.longbench import (  # noqa: E402
     Example,
+    collect_documents,
     load_tasks,
     multi_document_prompt,
     multi_document_schema,
@@ -69,8 +70,9 @@ def prompts_for(engine, setup: str, dataset: str, examples: list[Example]) -> li
     """Add the schemas `setup` needs for `examples`; one prompt per example."""
     if setup == "multi":
         name = _name("m", dataset, 0)
-        engine.add_schema(multi_document_schema(examples, name, dataset))
-        return [multi_document_prompt(ex, examples, name, dataset) for ex in examples]
+        docs = collect_documents(examples)  # split the contexts once, not once per prompt
+        engine.add_schema(multi_document_schema(docs, name, dataset))
+        return [multi_document_prompt(ex, docs, name, dataset) for ex in examples]
     prompts, seen = [], {}
     for i, ex in enumerate(examples):
         # Examples sharing a context share a schema.

@@ -12,8 +12,8 @@ import pytest
 import torch
 
 from benchmarks.common import filler_text
+from benchmarks.ttft import splice_setup
 from promptcache.engine.engine import Engine
-from promptcache.kv.cache import splice
 from promptcache.testing import tiny_model
 
 CONTEXT = 512
@@ -38,14 +38,7 @@ def test_encode(benchmark, setup):
 
 def test_splice(benchmark, setup):
     engine, _, prompt = setup
-    plan, layout = engine._plan(prompt)
-    parts, _, _ = engine._checkout(layout, plan.cached)
-
-    def spliced():  # as a request does: a block from the engine's pool, given back when done
-        cache, _ = splice(parts, len(plan.token_ids) + 1, engine.device, engine.adapter.dtype, pool=engine.pool)
-        engine.pool.give(cache.block)
-
-    benchmark(spliced)
+    benchmark(splice_setup(engine, prompt))
 
 
 @pytest.mark.parametrize("enable_cache", [True, False], ids=["cached", "uncached"])
