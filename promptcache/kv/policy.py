@@ -123,8 +123,7 @@ class LRUPolicy:
             if self.budget_bytes is None:
                 return out
             chosen = set(out)
-            excess = self._used + incoming_bytes - self.budget_bytes
-            excess -= sum(self._entries[k].nbytes for k in out)
+            excess = self.overflow(incoming_bytes) - sum(self._entries[k].nbytes for k in out)
             for key, entry in self._entries.items():
                 if excess <= 0:
                     break
@@ -142,10 +141,21 @@ class LRUPolicy:
             return [k for k, e in self._entries.items()
                     if self._evictable(e) and now - e.last_used > self.ttl_s]
 
+    def overflow(self, incoming_bytes: int = 0) -> int:
+        """Bytes to free before `incoming_bytes` more fit the budget (0 when they fit, or with no budget)."""
+        with self._lock:
+            if self.budget_bytes is None:
+                return 0
+            return max(0, self._used + incoming_bytes - self.budget_bytes)
+
     def fits(self, incoming_bytes: int = 0) -> bool:
         """Whether `incoming_bytes` more stay within the budget right now."""
+        return self.overflow(incoming_bytes) == 0
+
+    def could_fit(self, incoming_bytes: int = 0) -> bool:
+        """Whether `incoming_bytes` more would fit once every evictable entry were evicted."""
         with self._lock:
-            return self.budget_bytes is None or self._used + incoming_bytes <= self.budget_bytes
+            return self.overflow(incoming_bytes) <= self.evictable_bytes()
 
     def evictable_bytes(self) -> int:
         """Bytes held by entries that are neither pinned nor in use."""

@@ -56,13 +56,13 @@ class ModuleStore:
             self.remove(key)
             size = states.nbytes
             dev = self.tiers["device"]
-            if dev.budget_bytes is None or size <= dev.budget_bytes:
+            if dev.could_fit(size):  # else demoting would not make room: demote nothing
                 for victim in dev.victims(size):
                     self._demote(victim)
-                if dev.budget_bytes is None or dev.used_bytes + size <= dev.budget_bytes:
-                    self.entries[key] = states if states.device == self.device else states.to(self.device)
-                    dev.add(key, size)
-                    return "device"
+            if dev.fits(size):
+                self.entries[key] = states if states.device == self.device else states.to(self.device)
+                dev.add(key, size)
+                return "device"
             self._to_host(key, states)
             return "host"
 

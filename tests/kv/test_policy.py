@@ -88,6 +88,19 @@ def test_no_budget_only_expired_and_oversized_entry():
     assert not p.fits(80) and p.fits(40)
 
 
+def test_overflow_fits_and_could_fit():
+    p = LRUPolicy(budget_bytes=100)
+    p.add("a", 60)
+    p.add("b", 30)
+    p.pin("a")
+    assert (p.overflow(), p.fits(), p.overflow(10), p.fits(10)) == (0, True, 0, True)
+    assert (p.overflow(11), p.fits(11)) == (1, False)
+    assert p.could_fit(40) and not p.could_fit(41)  # only b's 30 bytes can be evicted
+    unbounded = LRUPolicy(None)
+    unbounded.add("a", 10)
+    assert (unbounded.overflow(10**12), unbounded.fits(10**12), unbounded.could_fit(10**12)) == (0, True, True)
+
+
 def test_bookkeeping():
     p = LRUPolicy(budget_bytes=100)
     p.add("a", 10)
