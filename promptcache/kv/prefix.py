@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -23,6 +23,14 @@ from promptcache.errors import PromptCacheError, StoreError
 from promptcache.kv.policy import LRUPolicy
 from promptcache.kv.states import KVStates
 
+DEFAULT_PREFIX_BUDGET_BYTES = 1 << 30
+"""The prefix tree's byte budget unless one is given: 1 GiB of states.
+
+NOTE: a fixed size, not a share of free memory: it behaves the same on every machine and in every test,
+and the states live on the model's device, whose free memory the host cannot judge. 1 GiB holds ~4,000
+requests of ~250 tokens on a tiny model (~1 KiB/token), ~2,000 tokens of a 7B fp16 model (0.5 MiB/token):
+enough for the hot system prompts and recent chats; pass `budget_bytes` to size it for the deployment.
+"""
 
 class _Node:
     """One edge of the radix tree: a token span and its states. Roots have no tokens and no states."""
@@ -76,26 +84,34 @@ class PrefixMatch:
 class PrefixTree:
     """A thread-safe radix tree of KV states, bounded by bytes and idle time.
 
-    Eviction is leaf-first LRU: only leaves go (a node's states are needed by all its descendants), and
-    among leaves the least recently used goes first; expired nodes (idle > `ttl_s`) go before anything
-    else. Nodes held by an unreleased `PrefixMatch` are never evicted. A match or insert counts as a use
-    of every node on its path, so a parent is never less recently used than its children.
+    Eviction order (asserted exactly in tests/kv/test_prefix.py):
+
+    1. Expired nodes (idle > `ttl_s`), least recently used first, before anything else.
+    2. Then, until the bytes needed are free: the least recently used leaf. Only leaves go (a node's
+       states are needed by all its descendants); a parent whose children are all gone is a leaf.
+    Never evicted: nodes held by an unreleased `PrefixMatch`, and their ancestors (a match holds its
+    whole path).
+
+    A match or insert counts as a use of every node on its path, deepest first, so a parent is always
+    more recently used than its children: one pass over the LRU order then meets every child before
+    its parent, and picking "the LRU leaf" repeatedly is that pass.
 
     Args:
-        budget_bytes: the most bytes of states kept, or None for no limit.
+        budget_bytes: the most bytes of states kept (default `DEFAULT_PREFIX_BUDGET_BYTES`), or None for
+            no limit.
         ttl_s: idle seconds after which a node expires (checked lazily on each call), or None.
         namespace_aware: when False, the `namespace` arguments are ignored and everything shares one root.
         clock: seconds source for the TTL (injectable for tests).
     """
 
-    def __init__(self, budget_bytes: int | None = None, ttl_s: float | None = None,
+    def __init__(self, budget_bytes: int | None = DEFAULT_PREFIX_BUDGET_BYTES, ttl_s: float | None = None,
                  namespace_aware: bool = True, clock: Callable[[], float] = time.monotonic):
-        if budget_bytes is not None and budget_bytes < 0:
-            raise StoreError(f"budget_bytes must be >= 0 or None, got {budget_bytes!r}")
-        self.budget_bytes = budget_bytes
+        if isinstance(budget_bytes, bool) or not isinstance(budget_bytes, (int, type(None))):
+            raise StoreError(f"budget_bytes must be an int >= 0 or None, got {budget_bytes!r}")
         self.namespace_aware = namespace_aware
-        # NOTE: the policy has no budget of its own; the tree enforces it leaf-first.
-        self._policy = LRUPolicy(None, ttl_s, clock)
+        # NOTE: the policy only does the byte arithmetic; its `victims` are not leaf-first, so the tree
+        # picks victims itself (`_leaf_first`).
+        self._policy = LRUPolicy(budget_bytes, ttl_s, clock)
         self._lock = threading.RLock()
         self._roots: dict[str, _Node] = {}
         self._num_tokens = 0
@@ -173,18 +189,11 @@ class PrefixTree:
             One `(namespace, token ids from position 0 to the node's end)` per node.
         """
         with self._lock:
-            gone: set[_Node] = set()
-            out: list[_Node] = []
-            progress = True
-            while progress:
-                progress = False
-                for node in self._policy.order():
-                    if node not in gone and not self._policy.in_use(node) and gone.issuperset(
-                            node.children.values()):
-                        gone.add(node)
-                        out.append(node)
-                        progress = True
-            return [(node.namespace, _full_tokens(node)) for node in out]
+            return [(node.namespace, _full_tokens(node)) for node in self._leaf_first(self._policy.order())]
+
+    @property
+    def budget_bytes(self) -> int | None:
+        return self._policy.budget_bytes
 
     @property
     def nbytes(self) -> int:
@@ -245,43 +254,40 @@ class PrefixTree:
 
     def _make_room(self, nbytes: int, protect: list[_Node]) -> bool:
         """Evict leaves (not `protect`) until `nbytes` more fit; False (nothing evicted) if they cannot."""
-        if self.budget_bytes is None:
+        if self._policy.fits(nbytes):
             return True
         for node in protect:
             self._policy.acquire(node)
         try:
-            over = self._policy.used_bytes + nbytes - self.budget_bytes
-            if over > self._policy.evictable_bytes():
+            if not self._policy.could_fit(nbytes):
                 return False
-            self._evict_lru(over)
+            self._evict_lru(self._policy.overflow(nbytes))
         finally:
             for node in protect:
                 self._policy.release(node)
-        return self._policy.used_bytes + nbytes <= self.budget_bytes
+        return self._policy.fits(nbytes)
+
+    def _leaf_first(self, candidates: list[_Node]) -> Iterator[_Node]:
+        """`candidates` (LRU first) in eviction order: each once it is a leaf, given those yielded before.
+
+        The one eviction loop: callers either only list the nodes or drop each as it comes.
+        """
+        gone: set[_Node] = set()
+        for node in candidates:
+            if not self._policy.in_use(node) and gone.issuperset(node.children.values()):
+                gone.add(node)
+                yield node
 
     def _evict_lru(self, nbytes: int) -> int:
         freed = 0
-        progress = True
-        while freed < nbytes and progress:
-            progress = False
-            for node in self._policy.order():
-                if freed >= nbytes:
-                    break
-                if not node.children and not self._policy.in_use(node):
-                    freed += self._drop(node)
-                    progress = True
+        for node in self._leaf_first(self._policy.order()):
+            if freed >= nbytes:
+                break
+            freed += self._drop(node)
         return freed
 
     def _expire(self) -> int:
-        freed = 0
-        progress = True
-        while progress:
-            progress = False
-            for node in self._policy.expired():
-                if not node.children and not self._policy.in_use(node):
-                    freed += self._drop(node)
-                    progress = True
-        return freed
+        return sum(self._drop(node) for node in list(self._leaf_first(self._policy.expired())))
 
     def _drop(self, node: _Node) -> int:
         parent = node.parent

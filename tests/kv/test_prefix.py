@@ -7,8 +7,8 @@ import random
 import pytest
 import torch
 
-from promptcache.errors import PromptCacheError
-from promptcache.kv.prefix import PrefixTree
+from promptcache.errors import PromptCacheError, StoreError
+from promptcache.kv.prefix import DEFAULT_PREFIX_BUDGET_BYTES, PrefixTree
 from promptcache.kv.states import KVStates
 
 from .helpers import run_threads
@@ -148,6 +148,31 @@ def test_leaf_first_lru_eviction_order_exact():
     assert tree.evict(1) == 0
 
 
+def test_eviction_order_after_splits_touches_and_budget_exact():
+    tree = PrefixTree(budget_bytes=7 * TOKEN_BYTES)
+    for ids in ([1, 2, 3, 4], [1, 2, 5], [9]):  # [1 2 5] splits [1 2 3 4] into [1 2] -> {[3 4], [5]}
+        tree.insert(ids, rand_states(ids))
+    assert matched(tree, [1, 2, 3, 4]) == 4  # uses [3 4], then its parent [1 2]
+    assert tree.eviction_order() == [("", (1, 2, 5)), ("", (9,)), ("", (1, 2, 3, 4)), ("", (1, 2))]
+    assert tree.insert([7, 7], rand_states([7, 7])) == 2  # 6 + 2 > 7 tokens: the LRU leaf [5] goes
+    assert tree.eviction_order() == [("", (9,)), ("", (1, 2, 3, 4)), ("", (1, 2)), ("", (7, 7))]
+    assert tree.insert([8, 8, 8], rand_states([8, 8, 8])) == 3  # 7 + 3 > 7: [9], then [3 4]
+    # [1 2] is a leaf now, and was used before [7 7] was written.
+    assert tree.eviction_order() == [("", (1, 2)), ("", (7, 7)), ("", (8, 8, 8))]
+    assert tree.nbytes == 7 * TOKEN_BYTES
+
+
+def test_default_budget_is_bounded():
+    assert PrefixTree().budget_bytes == DEFAULT_PREFIX_BUDGET_BYTES == 1 << 30
+    assert PrefixTree(None).budget_bytes is None  # unbounded only when asked for
+
+
+@pytest.mark.parametrize("bad", [-1, 1.5, "10", True])
+def test_bad_budget_is_a_store_error(bad):
+    with pytest.raises(StoreError, match="budget_bytes"):
+        PrefixTree(bad)
+
+
 def test_eviction_order_skips_acquired_paths():
     tree = PrefixTree()
     for ids in ([1, 2, 3, 4], [1, 2, 5, 6], [7, 8]):
@@ -246,5 +271,7 @@ def test_thread_safety_smoke():
 
     run_threads(work)
     assert tree.nbytes <= tree.budget_bytes
-    assert tree.evict(10**9) == tree.num_tokens * TOKEN_BYTES or tree.nbytes == 0
+    held = tree.num_tokens
+    assert held > 0 and tree.nbytes == held * TOKEN_BYTES
+    assert tree.evict(10**9) == held * TOKEN_BYTES
     assert (len(tree), tree.nbytes, tree.num_tokens) == (0, 0, 0)
