@@ -5,9 +5,15 @@ transformers' `DynamicLayer` grows by `torch.cat`, copying the whole context at 
 states in (the one O(context) copy of a request), and then writes each new token in place: the
 keys/values the model sees are views of the buffer. Stored module states are only read, never
 written, so concurrent requests can share them.
+
+NOTE: a request cache never grows: its capacity is fixed when `request_cache` allocates it (the
+prompt plus the most tokens the request may generate), so the block the pool gets back is always
+the block it handed out. Writing past the capacity is a bug in the caller and fails an assertion.
 """
 
 from __future__ import annotations
+
+from collections.abc import Sequence
 
 import torch
 from transformers.cache_utils import Cache, CacheLayerMixin
@@ -48,23 +54,12 @@ class SpliceLayer(CacheLayerMixin):
         pass
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
-        n = key_states.shape[-2]
-        end = self.length + n
-        if end > self.k_buf.shape[-2]:
-            self._grow(end)
+        end = self.length + key_states.shape[-2]
+        assert end <= self.k_buf.shape[-2], f"request cache overflow: {end} tokens, capacity {self.k_buf.shape[-2]}"
         self.k_buf[:, :, self.length:end].copy_(key_states)
         self.v_buf[:, :, self.length:end].copy_(value_states)
         self.length = end
         return self.keys, self.values
-
-    def _grow(self, needed: int) -> None:
-        # Amortised doubling: only when the caller under-estimated the room needed.
-        cap = max(needed, 2 * self.k_buf.shape[-2])
-        for name in ("k_buf", "v_buf"):
-            old = getattr(self, name)
-            new = old.new_empty((*old.shape[:2], cap, old.shape[-1]))
-            new[:, :, : self.length].copy_(old[:, :, : self.length])
-            setattr(self, name, new)
 
     def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
         return self.length + query_length, 0
@@ -83,38 +78,81 @@ class SpliceLayer(CacheLayerMixin):
 
 
 class RequestCache(Cache):
-    """A `Cache` of `SpliceLayer`s viewing one block [2, layers, batch, kv_heads, capacity, head_dim]."""
+    """A `Cache` of `SpliceLayer`s viewing one block [2, layers, batch, kv_heads, capacity, head_dim].
 
-    def __init__(self, block: torch.Tensor, length: int):
+    Attributes:
+        block: the block; give it back to the pool it came from once the request is done.
+        spliced_positions: [n] int64, the positions of the `n` tokens spliced in by `request_cache`
+            (empty when none were).
+    """
+
+    def __init__(self, block: torch.Tensor, length: int, spliced_positions: torch.Tensor | None = None):
         super().__init__(layers=[SpliceLayer(block[0, i], block[1, i], length) for i in range(block.shape[1])])
         self.block = block
+        if spliced_positions is None:
+            spliced_positions = torch.empty(0, dtype=torch.long, device=block.device)
+        self.spliced_positions = spliced_positions
+
+    @property
+    def capacity(self) -> int:
+        return self.block.shape[-2]
+
+    def states(self, token_ids: Sequence[int], positions: torch.Tensor, row: int = 0) -> KVStates:
+        """The first `len(token_ids)` tokens of batch row `row` as `KVStates`: views of the block.
+
+        Copy them (`KVStates.concat`) before the block goes back to the pool.
+        """
+        n = len(token_ids)
+        return KVStates(tuple(token_ids), positions,
+                        tuple(la.keys[row:row + 1, :, :n] for la in self.layers),
+                        tuple(la.values[row:row + 1, :, :n] for la in self.layers))
 
 
 _UNPOOLED = BufferPool(0)  # allocates exactly what is asked, keeps nothing
 
 
-def splice(parts: list[KVStates], capacity: int, device: torch.device, dtype: torch.dtype,
-           batch: int = 1, pool: BufferPool | None = None) -> tuple[RequestCache, torch.Tensor]:
-    """A cache holding `parts` back to back (room for `capacity` tokens) and their positions.
+def request_cache(parts: Sequence[KVStates], capacity: int, *, num_layers: int, kv_heads: int, head_dim: int,
+                  device: torch.device | str, dtype: torch.dtype, batch: int = 1,
+                  pool: BufferPool | None = None) -> RequestCache:
+    """A request's cache: `parts` spliced back to back (none: an empty cache), room for `capacity` tokens.
 
-    With `pool`, the block comes from it; give `cache.block` back when the request is done.
+    Every batch row gets the same `parts`. The block comes from `pool` when given; give `cache.block`
+    back to it once the request is done. `cache.spliced_positions` holds the parts' positions.
+
+    Args:
+        parts: states to splice, in order; each [1, kv_heads, seq, head_dim] per layer. May be empty.
+        capacity: tokens the cache must hold in all (spliced ones included); at least their count is kept.
+        num_layers, kv_heads, head_dim: the model's KV geometry (the parts must match it).
     """
-    assert parts
     n = sum(len(p) for p in parts)
-    k0 = parts[0].keys[0]
-    block = (pool or _UNPOOLED).take(parts[0].num_layers, batch, k0.shape[1], max(capacity, n), k0.shape[-1],
-                                     dtype, device)
-    for i in range(parts[0].num_layers):
+    for p in parts:
+        k = p.keys[0]
+        assert (p.num_layers, k.shape[1], k.shape[-1]) == (num_layers, kv_heads, head_dim), \
+            f"states of geometry {(p.num_layers, k.shape[1], k.shape[-1])}, cache {(num_layers, kv_heads, head_dim)}"
+    block = (pool or _UNPOOLED).take(num_layers, batch, kv_heads, max(capacity, n), head_dim, dtype, device)
+    for i in range(num_layers):
         at = 0
         for p in parts:
             m = len(p)
             block[0, i, :, :, at:at + m].copy_(p.keys[i], non_blocking=True)
             block[1, i, :, :, at:at + m].copy_(p.values[i], non_blocking=True)
             at += m
-    positions = torch.cat([p.positions.to(device) for p in parts])
-    return RequestCache(block, n), positions
+    positions = torch.cat([p.positions.to(block.device) for p in parts]) if parts else None
+    return RequestCache(block, n, positions)
+
+
+def splice(parts: list[KVStates], capacity: int, device: torch.device, dtype: torch.dtype,
+           batch: int = 1, pool: BufferPool | None = None) -> tuple[RequestCache, torch.Tensor]:
+    """Deprecated: `request_cache` (kept until the engine and benchmarks have moved to it)."""
+    assert parts
+    k0 = parts[0].keys[0]
+    cache = request_cache(parts, capacity, num_layers=parts[0].num_layers, kv_heads=k0.shape[1],
+                          head_dim=k0.shape[-1], device=device, dtype=dtype, batch=batch, pool=pool)
+    return cache, cache.spliced_positions
 
 
 def empty_cache(num_layers: int, kv_heads: int, head_dim: int, capacity: int, device, dtype,
                 batch: int = 1, pool: BufferPool | None = None) -> RequestCache:
-    return RequestCache((pool or _UNPOOLED).take(num_layers, batch, kv_heads, capacity, head_dim, dtype, device), 0)
+    """Deprecated: `request_cache([], ...)` (kept until the engine has moved to it)."""
+    return request_cache([], capacity, num_layers=num_layers, kv_heads=kv_heads, head_dim=head_dim,
+                         device=device, dtype=dtype, batch=batch, pool=pool)
