@@ -1,22 +1,23 @@
 """PML text -> typed nodes: `parse_schema`, `parse_prompt`, plus `is_pml` and `normalize_text`.
 
-Every document goes through `xmlsafe` (bounded, DOCTYPE-free parse, then the RELAX NG grammar),
-so by the time a tree reaches this module its shape is known to be right. What remains here is
-what a grammar cannot say: unique names per scope, a union's scaffold being one of its members,
-`src=` files staying inside the allowed directory, and how whitespace becomes `Text`.
+Every document goes through `xmlsafe` (bounded, DOCTYPE-free parse), becomes typed nodes here,
+and is then checked by `check`, the same checker that Python-built schemas and prompts go through.
+What is decided here is only what markup alone can get wrong (attributes, text where no node has
+room, `src=` files staying inside the allowed directory) and how whitespace becomes `Text`.
 """
 
 from __future__ import annotations
 
 import os
 import textwrap
-from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
 from lxml import etree
 
 from promptcache.errors import SchemaError
+from promptcache.markup import rules
+from promptcache.markup.check import check_prompt, check_schema
 from promptcache.markup.nodes import (
     ROLES,
     Module,
@@ -29,21 +30,20 @@ from promptcache.markup.nodes import (
     Text,
     Union,
 )
+from promptcache.markup.rules import XML_SPACE, Foreign, Where, display
 from promptcache.markup.xmlsafe import (
-    NAME_RE,
-    XML_SPACE,
     Document,
     load_document,
     parse_xml,
     prolog_end,
     read_text_file,
-    validate,
 )
 
 __all__ = ["parse_schema", "parse_prompt", "is_pml", "normalize_text", "SRC_MAX_BYTES"]
 
 SRC_MAX_BYTES = 4 << 20
 _WS = " \t\r\n"  # XML whitespace; str.strip() would also eat no-break spaces
+_ELEMENTS = frozenset({"module", "union", "parameter", *ROLES})  # PML elements inside a schema
 
 
 def is_pml(text: str) -> bool:
@@ -90,13 +90,20 @@ def _collapse(space: str, at_edge: bool) -> str:
 
 
 def _load_root(source: str | os.PathLike, max_bytes: int, tag: str):
-    """Read, parse and validate a document whose root must be `<tag>`."""
+    """Read and parse a document whose root must be `<tag>`; return it, its root and a `Where`."""
     doc = load_document(source, max_bytes)
     root = parse_xml(doc)
-    validate(root, doc)
+    where = Where(doc.name, doc.text, root.sourceline)
     if root.tag != tag:
-        raise SchemaError(f"expected a <{tag}> document, got <{root.tag}>", root.sourceline, source=doc.name)
-    return doc, root
+        raise where.error(rules.document_element(root.tag, tag), root.sourceline, display(root.tag))
+    _check_attributes(root, where)
+    return doc, root, where
+
+
+def _check_attributes(el: etree._Element, where: Where) -> None:
+    problem = rules.attribute_problem(el.tag, el.attrib)
+    if problem:
+        raise where.error(problem, el.sourceline, el.tag)
 
 def parse_schema(source: str | os.PathLike, *, base_dir: str | os.PathLike | None = None,
                  max_bytes: int = 8 << 20) -> Schema:
@@ -111,13 +118,13 @@ def parse_schema(source: str | os.PathLike, *, base_dir: str | os.PathLike | Non
     Raises:
         SchemaError: malformed, hostile or invalid document, with line and column when known.
     """
-    doc, root = _load_root(source, max_bytes, "schema")
+    doc, root, where = _load_root(source, max_bytes, "schema")
     if base_dir is None and doc.path is not None:
         base_dir = doc.path.parent
-    build = _SchemaBuilder(doc, Path(base_dir) if base_dir is not None else None)
+    build = _SchemaBuilder(doc, Path(base_dir) if base_dir is not None else None, where)
     children = build.children(root, _preserves(root, False))
-    _check_scope(children, f"<schema name={root.get('name')!r}>", doc.name)
-    return Schema(root.get("name"), children, source=str(doc.path) if doc.path else None)
+    schema = Schema(root.get("name"), children, source=str(doc.path) if doc.path else None)
+    return check_schema(schema, where=where)
 
 
 def parse_prompt(source: str | os.PathLike, *, max_bytes: int = 1 << 20) -> Prompt:
@@ -129,18 +136,25 @@ def parse_prompt(source: str | os.PathLike, *, max_bytes: int = 1 << 20) -> Prom
     Raises:
         SchemaError: malformed, hostile or invalid document, with line and column when known.
     """
-    doc, root = _load_root(source, max_bytes, "prompt")
+    _, root, where = _load_root(source, max_bytes, "prompt")
     preserve = _preserves(root, False)
     selections: list[Selection] = []
     tail: list[Text | RoleBlock] = []
+    started: str | None = None  # what began the free-text tail, for messages
     for item, first, last in _items(root):
         if isinstance(item, _Run):
             tail += _text_nodes(item, first, last, preserve)
+            if started is None and item.text.strip(_WS):
+                started = rules.tail_start(item.text)
         elif item.tag in ROLES:
-            tail.append(RoleBlock(item.tag, _turn_text(item, preserve), item.sourceline))
+            started = started or rules.tail_start(None, item.tag, item.sourceline)
+            tail.append(_turn(item, preserve, where))
+        elif started:
+            tag = display(item.tag)
+            raise where.error(rules.selection_after_tail(tag, started), item.sourceline, tag)
         else:
-            selections.append(_selection(item, doc.name))
-    return Prompt(root.get("schema"), tuple(selections), tuple(tail))
+            selections.append(_selection(item, where))
+    return check_prompt(Prompt(root.get("schema"), tuple(selections), tuple(tail)), where=where)
 
 
 # ---- runs of text between elements -----------------------------------------------------------
@@ -177,6 +191,12 @@ def _text_nodes(run: _Run, first: bool, last: bool, preserve: bool) -> list[Text
     return [Text(text, run.line)] if text else []
 
 
+def _has_content(el: etree._Element) -> bool:
+    """Whether `el` holds an element or non-whitespace text (comments and PIs do not count)."""
+    texts = [el.text, *(c.tail for c in el)]
+    return any(isinstance(c.tag, str) for c in el) or any(t and t.strip(_WS) for t in texts)
+
+
 def _preserves(el: etree._Element, inherited: bool) -> bool:
     """Whether `xml:space="preserve"` is in force on `el` (it switches normalisation off)."""
     return el.get(XML_SPACE, "preserve" if inherited else "default") == "preserve"
@@ -188,8 +208,8 @@ def _preserves(el: etree._Element, inherited: bool) -> bool:
 class _SchemaBuilder:
     """Turns a validated `<schema>` tree into nodes, reading `src=` files as it goes."""
 
-    def __init__(self, doc: Document, base_dir: Path | None):
-        self.doc, self.base_dir = doc, base_dir
+    def __init__(self, doc: Document, base_dir: Path | None, where: Where):
+        self.doc, self.base_dir, self.where = doc, base_dir, where
 
     def children(self, el: etree._Element, preserve: bool) -> tuple[Node, ...]:
         nodes: list[Node] = []
@@ -200,18 +220,41 @@ class _SchemaBuilder:
                 nodes.append(self.node(item, preserve))
         return tuple(nodes)
 
-    def node(self, el: etree._Element, inherited: bool) -> Node:
-        preserve, line = _preserves(el, inherited), el.sourceline
-        if el.tag == "parameter":
-            return Param(el.get("name"), int(el.get("length")), el.get("scaffold"), line)
-        if el.tag == "union":
-            members = tuple(self.node(m, preserve) for m in el if m.tag == "module")
-            return Union(members, el.get("scaffold"), line)  # type: ignore[arg-type]
-        if el.tag == "module":
-            children = self.src(el, preserve) if el.get("src") is not None else self.children(el, preserve)
-            return Module(el.get("name"), children, el.get("cache", "true") == "true", line)
-        assert el.tag in ROLES, el.tag  # the grammar admits nothing else
-        return RoleBlock(el.tag, self.children(el, preserve), line)
+    def node(self, el: etree._Element, inherited: bool) -> Node | Foreign:
+        """The node for `el`, values as written (the checker refuses bad ones where they stand)."""
+        tag, line = display(el.tag), el.sourceline
+        if tag not in _ELEMENTS:
+            return Foreign(tag, line)
+        _check_attributes(el, self.where)
+        preserve = _preserves(el, inherited)
+        if tag == "parameter":
+            if _has_content(el):
+                raise self.where.error(rules.PARAMETER_NOT_EMPTY, line, tag)
+            return Param(el.get("name"), rules.xml_int(el.get("length")), el.get("scaffold"), line)
+        if tag == "union":
+            return Union(self.members(el, preserve), el.get("scaffold"), line)  # type: ignore[arg-type]
+        if tag == "module":
+            cache = rules.xml_bool(el.get("cache", "true"))
+            return Module(el.get("name"), self.content(el, preserve), cache, line)  # type: ignore[arg-type]
+        return RoleBlock(tag, self.children(el, preserve), line)  # type: ignore[arg-type]
+
+    def members(self, el: etree._Element, preserve: bool) -> tuple:
+        """A union's members; stray text stays (as written) for the checker to refuse."""
+        nodes: list = []
+        for item, _, _ in _items(el):
+            if not isinstance(item, _Run):
+                nodes.append(self.node(item, preserve))
+            elif item.text.strip(_WS):
+                nodes.append(Text(item.text, item.line))
+        return tuple(nodes)
+
+    def content(self, el: etree._Element, preserve: bool) -> tuple[Node, ...]:
+        """A module's children: from its `src=` file (then it must be empty) or its content."""
+        if el.get("src") is None:
+            return self.children(el, preserve)
+        if _has_content(el):
+            raise self.where.error(rules.src_with_content(el.get("name")), el.sourceline, "module")
+        return self.src(el, preserve)
 
     def src(self, el: etree._Element, preserve: bool) -> tuple[Node, ...]:
         """The text of a module's `src=` file, which must resolve inside `base_dir`."""
@@ -235,51 +278,24 @@ class _SchemaBuilder:
         return (Text(text, line),) if text else ()
 
 
-def _scope_members(children: Iterable[Node]) -> Iterable[Node]:
-    """Nodes sharing a naming scope: roles are transparent, union members join their parent's."""
-    for node in children:
-        if isinstance(node, RoleBlock):
-            yield from _scope_members(node.children)
-        elif isinstance(node, Union):
-            yield node
-            yield from node.members
-        else:
-            yield node
-
-
-def _check_scope(children: tuple[Node, ...], owner: str, source: str) -> None:
-    """Unique module names per scope, unique parameters per module, scaffolds that exist."""
-    modules: dict[str, Module] = {}
-    params: dict[str, Param] = {}
-    for node in _scope_members(children):
-        if isinstance(node, Module):
-            if node.name in modules:
-                raise SchemaError(f"duplicate module name {node.name!r} in {owner} (first at line "
-                                  f"{modules[node.name].line}); sibling modules, union members "
-                                  "included, need distinct names", node.line, source=source)
-            modules[node.name] = node
-            _check_scope(node.children, f"module {node.name!r}", source)
-        elif isinstance(node, Param):
-            if node.name in params:
-                raise SchemaError(f"duplicate parameter {node.name!r} in {owner} (first at line "
-                                  f"{params[node.name].line})", node.line, source=source)
-            params[node.name] = node
-        elif isinstance(node, Union) and node.scaffold is not None:
-            names = [m.name for m in node.members]
-            if node.scaffold not in names:
-                raise SchemaError(f"union scaffold {node.scaffold!r} is not one of its members: "
-                                  f"{', '.join(names)}", node.line, source=source)
-
-
 # ---- prompt documents ------------------------------------------------------------------------
 
 
-def _selection(el: etree._Element, source: str) -> Selection:
-    if not NAME_RE.fullmatch(el.tag):
-        raise SchemaError(f"<{el.tag}> cannot select a module: module names use letters, digits, "
-                          "'_', '.', '-'", el.sourceline, source=source)
-    children = tuple(_selection(c, source) for c in el if isinstance(c.tag, str))
-    return Selection(el.tag, tuple(el.attrib.items()), children, el.sourceline)
+def _selection(el: etree._Element, where: Where) -> Selection:
+    """A selection with its arguments and nested selections (the checker judges their names)."""
+    tag, line = display(el.tag), el.sourceline
+    text = next((t for t in [el.text, *(c.tail for c in el)] if t and t.strip(_WS)), None)
+    if text is not None:
+        raise where.error(rules.selection_with_text(tag, text), line, tag)
+    children = tuple(_selection(c, where) for c in el if isinstance(c.tag, str))
+    return Selection(tag, tuple((display(k), v) for k, v in el.attrib.items()), children, line)
+
+
+def _turn(el: etree._Element, inherited: bool, where: Where) -> RoleBlock:
+    """A chat turn; elements inside it are kept as `Foreign` for the checker to refuse."""
+    _check_attributes(el, where)
+    elements = tuple(Foreign(display(c.tag), c.sourceline) for c in el if isinstance(c.tag, str))
+    return RoleBlock(el.tag, elements or _turn_text(el, inherited), el.sourceline)  # type: ignore[arg-type]
 
 
 def _turn_text(el: etree._Element, inherited: bool) -> tuple[Text, ...]:
