@@ -15,7 +15,8 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 
 from promptcache.errors import PromptCacheError, StoreError
-from promptcache.kv.disk import atomic_write, check_key, sha256_json
+from promptcache.kv.disk import sha256_json
+from promptcache.kv.files import atomic_write, check_key
 
 logger = logging.getLogger(__name__)
 

@@ -1,9 +1,14 @@
 """Persistent module store: `KVStates` as safetensors files, one per key, written atomically.
 
-Layout: `<root>/<key[:2]>/<key>.safetensors`, tensors `k.{i}`, `v.{i}` ([1, kv_heads, seq, head_dim]),
-`positions` and `token_ids` ([seq] int64), metadata: format, version, key, layer count, a sha256 of the
-tensor bytes and the caller's meta (JSON). A file that fails any check on load is deleted and reported as
-absent, so the caller simply re-encodes.
+Layout: `<root>/<key[:2]>/<key>.safetensors` (see `kv.files`), tensors `k.{i}`, `v.{i}`
+([1, kv_heads, seq, head_dim]), `positions` and `token_ids` ([seq] int64), metadata: format, version, key,
+layer count, the caller's meta (JSON) and a sha256 over all of these and every tensor byte.
+
+Loading reads the file into tensors this process owns (never a memory map: a file truncated or
+overwritten later, e.g. by `cp` over it, must not crash the process or change states already loaded)
+and verifies the checksum. A file that fails any check is deleted and reported as absent, so the
+caller simply re-encodes. A failed save (full disk, read-only directory) is logged, counted and
+reported as False; it never raises to the request being served.
 """
 
 from __future__ import annotations
@@ -11,27 +16,31 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import math
 import os
-import re
-import tempfile
-import threading
 from collections.abc import Mapping
 from pathlib import Path
+from typing import BinaryIO
 
 import torch
-from safetensors import safe_open
 from safetensors.torch import save as safetensors_save
 
 from promptcache.errors import PromptCacheError, StoreError
+from promptcache.kv.files import FileStore, check_key
 from promptcache.kv.states import KVStates
 
 logger = logging.getLogger(__name__)
 
 FORMAT = "promptcache.kv"
-VERSION = "1"
+VERSION = "2"  # 2: the checksum covers the header fields too
 SUFFIX = ".safetensors"
-_KEY_RE = re.compile(r"[0-9a-f]{16,64}")
-_TMP_PREFIX = ".tmp-"
+_HEADER_FIELDS = ("format", "version", "key", "num_layers", "meta")
+_MAX_HEADER = 100 << 20  # safetensors' own limit
+_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+           "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+           "BOOL": torch.bool}
+
+__all__ = ["DiskStore", "check_key", "sha256_json", "states_key"]
 
 
 def states_key(**parts: object) -> str:
@@ -59,121 +68,95 @@ def sha256_json(obj: object) -> str:
     return hashlib.sha256(text.encode("utf-8")).hexdigest()
 
 
-def check_key(key: str) -> str:
-    """Returns `key` if it is 16-64 lowercase hex characters (so it can never escape the store's root).
-
-    Raises:
-        StoreError: any other key.
-    """
-    if not isinstance(key, str) or not _KEY_RE.fullmatch(key):
-        raise StoreError(f"store keys are 16-64 lowercase hex characters, got {key!r}")
-    return key
-
-
-def atomic_write(path: Path, data: bytes) -> None:
-    """Write `data` to `path` so that readers only ever see the old file or the whole new one.
-
-    A temp file in the same directory is written and fsynced, then renamed over `path`; a process killed
-    mid-write leaves at most a stale `.tmp-*` file, never a partial file under the final name.
-    """
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=_TMP_PREFIX, suffix=".part", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 class DiskStore:
     """`KVStates` on disk under `root`, keyed by `states_key` hex keys. Thread-safe.
 
     Args:
-        root: directory of the store (created if missing).
+        root: directory of the store (created if missing); the engine's `store_dir`.
+
+    Raises:
+        StoreError: `root` is empty or cannot be used as a directory.
     """
 
     def __init__(self, root: str | os.PathLike):
-        self.root = Path(root)
-        try:
-            self.root.mkdir(parents=True, exist_ok=True)
-        except OSError as e:
-            raise StoreError(f"cannot use {self.root} as a store directory: {e}") from e
-        self._lock = threading.RLock()
+        self._files = FileStore(root, SUFFIX, argument="store_dir")
+        self.root = self._files.root
 
     def path(self, key: str) -> Path:
         """Where `key`'s file lives (whether or not it exists)."""
-        check_key(key)
-        return self.root / key[:2] / (key + SUFFIX)
+        return self._files.path(key)
 
-    def save(self, key: str, states: KVStates, meta: Mapping[str, str] | None = None) -> Path:
-        """Write `states` under `key` atomically, replacing any previous file. Returns the file's path."""
-        path = self.path(key)
+    def save(self, key: str, states: KVStates, meta: Mapping[str, str] | None = None) -> bool:
+        """Write `states` under `key` atomically, replacing any previous file.
+
+        Returns:
+            True when written; False when the write failed (logged and counted in `write_failures`).
+
+        Raises:
+            StoreError: a bad key or meta (a caller's bug, not a disk problem).
+        """
+        check_key(key)
         meta = dict(meta or {})
         if not all(isinstance(k, str) and isinstance(v, str) for k, v in meta.items()):
             raise StoreError(f"meta must map str to str, got {meta!r}")
         tensors = _to_tensors(states)
         header = {"format": FORMAT, "version": VERSION, "key": key, "num_layers": str(states.num_layers),
-                  "checksum": _checksum(tensors), "meta": json.dumps(meta, sort_keys=True)}
-        data = safetensors_save(tensors, metadata=header)
-        with self._lock:
-            atomic_write(path, data)
-        return path
+                  "meta": json.dumps(meta, sort_keys=True)}
+        header["checksum"] = _checksum(tensors, header)
+        return self._files.write(key, safetensors_save(tensors, metadata=header))
 
     def load(self, key: str, device: torch.device | str = "cpu") -> KVStates | None:
-        """The states saved under `key`, or None when absent or unreadable (the bad file is deleted)."""
-        path = self.path(key)
-        with self._lock:
-            if not path.exists():
-                return None
+        """The states saved under `key`, in memory this process owns, or None when absent or unreadable.
+
+        A corrupt file is deleted (logged, counted in `read_failures`); anything but a regular file at
+        the key's path is left alone and is a miss too.
+        """
+        f = self._files.open(key)
+        if f is None:
+            return None
+        with f:
             try:
-                states = _read(path, key)
+                states = _read(f, key)
             except Exception as e:  # noqa: BLE001 - any failure means "re-encode", never a crash
-                logger.warning("discarding corrupt KV file %s: %s", path, e)
-                path.unlink(missing_ok=True)
+                self._files.discard(key, f, f"corrupt KV file: {e}")
                 return None
         return states if torch.device(device).type == "cpu" else states.to(device)
 
     def meta(self, key: str) -> dict[str, str] | None:
         """The caller's meta saved with `key` (unverified header read), or None when absent or unreadable."""
-        path = self.path(key)
-        try:
-            with safe_open(str(path), framework="pt") as f:
-                return json.loads((f.metadata() or {})["meta"])
-        except Exception:  # noqa: BLE001 - load() does the full verification and cleanup
+        f = self._files.open(key)
+        if f is None:
             return None
+        with f:
+            try:
+                return json.loads(_read_header(f)[0]["meta"])
+            except Exception:  # noqa: BLE001 - load() does the full verification and cleanup
+                return None
 
     def __contains__(self, key: object) -> bool:
-        return isinstance(key, str) and _KEY_RE.fullmatch(key) is not None and self.path(key).exists()
+        return key in self._files
 
     def delete(self, key: str) -> bool:
         """Remove `key`'s file; returns whether there was one."""
-        path = self.path(key)
-        with self._lock:
-            existed = path.exists()
-            path.unlink(missing_ok=True)
-            return existed
+        return self._files.delete(key)
 
     def keys(self) -> list[str]:
         """All stored keys, sorted (stale temp files from killed writers are ignored)."""
-        return sorted(p.name[: -len(SUFFIX)] for p in self._files())
+        return self._files.keys()
 
     def nbytes(self) -> int:
         """Total size of the stored files."""
-        total = 0
-        for p in self._files():
-            try:
-                total += p.stat().st_size
-            except FileNotFoundError:  # deleted concurrently
-                pass
-        return total
+        return self._files.nbytes()
 
-    def _files(self) -> list[Path]:
-        return [p for p in self.root.glob("??/*" + SUFFIX)
-                if _KEY_RE.fullmatch(p.name[: -len(SUFFIX)]) and p.parent.name == p.name[:2]]
+    @property
+    def write_failures(self) -> int:
+        """Saves that failed (full disk, read-only directory, ...) since this store was opened."""
+        return self._files.write_failures
+
+    @property
+    def read_failures(self) -> int:
+        """Files found corrupt, or not regular files, since this store was opened."""
+        return self._files.read_failures
 
 
 def _to_tensors(states: KVStates) -> dict[str, torch.Tensor]:
@@ -187,37 +170,78 @@ def _to_tensors(states: KVStates) -> dict[str, torch.Tensor]:
     return tensors
 
 
-def _checksum(tensors: Mapping[str, torch.Tensor]) -> str:
-    h = hashlib.sha256()
+def _checksum(tensors: Mapping[str, torch.Tensor], header: Mapping[str, str]) -> str:
+    h = hashlib.sha256(sha256_json({k: header.get(k) for k in _HEADER_FIELDS}).encode())
     for name in sorted(tensors):
         t = tensors[name].contiguous()
         h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
         if t.numel():
-            h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+            h.update(t.reshape(-1).view(torch.uint8).numpy())  # the bytes, without a copy
     return h.hexdigest()
 
 
-def _read(path: Path, key: str) -> KVStates:
-    """Parse and verify one file; raises (anything) on any mismatch."""
-    with safe_open(str(path), framework="pt") as f:
-        header = f.metadata() or {}
-        tensors = {name: f.get_tensor(name) for name in f.keys()}
+def _read(f: BinaryIO, key: str) -> KVStates:
+    """Parse and verify one file into owned tensors; raises (anything) on any mismatch."""
+    header, entries, base = _read_header(f)
     if (header.get("format"), header.get("version")) != (FORMAT, VERSION):
         raise StoreError(f"unknown format {header.get('format')!r} version {header.get('version')!r}")
     if header.get("key") != key:
         raise StoreError(f"file holds key {header.get('key')!r}, not {key!r}")
     layers = int(header["num_layers"])
-    if not 0 < layers <= len(tensors):
-        raise StoreError(f"bad layer count {layers}")
-    names = {f"{kv}.{i}" for kv in "kv" for i in range(layers)} | {"positions", "token_ids"}
-    if set(tensors) != names:
-        raise StoreError(f"tensors {sorted(tensors)} do not match {layers} layers")
+    names = {f"{kv}.{i}" for kv in "kv" for i in range(max(layers, 0))} | {"positions", "token_ids"}
+    if layers <= 0 or set(entries) != names:
+        raise StoreError(f"tensors {sorted(entries)} do not match {layers} layers")
+    tensors = _read_tensors(f, entries, base)
     _check_shapes(tensors, layers)
-    if _checksum(tensors) != header.get("checksum"):
+    if _checksum(tensors, header) != header.get("checksum"):
         raise StoreError("checksum mismatch")
     return KVStates(tuple(tensors["token_ids"].tolist()), tensors["positions"],
                     tuple(tensors[f"k.{i}"] for i in range(layers)),
                     tuple(tensors[f"v.{i}"] for i in range(layers)))
+
+
+def _read_header(f: BinaryIO) -> tuple[dict[str, str], dict[str, dict], int]:
+    """A safetensors header: (metadata, tensor entries, offset of the data); raises on anything malformed."""
+    n = int.from_bytes(_read_exact(f, 8), "little")
+    if n > _MAX_HEADER:
+        raise StoreError(f"header of {n} bytes")
+    entries = json.loads(_read_exact(f, n))
+    meta = entries.pop("__metadata__", None) or {}
+    if not all(isinstance(k, str) and isinstance(v, str) for k, v in meta.items()):
+        raise StoreError("malformed metadata")
+    return meta, entries, 8 + n
+
+
+def _read_tensors(f: BinaryIO, entries: Mapping[str, dict], base: int) -> dict[str, torch.Tensor]:
+    """Read every tensor into memory this process owns: one allocation each, filled from the file.
+
+    The data must be the tensors back to back in offset order and nothing else, so that a forged header
+    can never make this allocate more than the file holds.
+    """
+    size = os.fstat(f.fileno()).st_size
+    tensors, at = {}, 0
+    for name, entry in sorted(entries.items(), key=lambda item: item[1]["data_offsets"][0]):
+        dtype = _DTYPES[entry["dtype"]]
+        shape = [int(d) for d in entry["shape"]]
+        begin, end = (int(x) for x in entry["data_offsets"])
+        nbytes = math.prod(shape) * dtype.itemsize
+        if begin != at or end - begin != nbytes or base + end > size or min(shape, default=0) < 0:
+            raise StoreError(f"tensor {name} has offsets {begin}..{end} for {nbytes} bytes")
+        buf = torch.empty(nbytes, dtype=torch.uint8)
+        f.seek(base + begin)
+        if nbytes and f.readinto(buf.numpy()) != nbytes:
+            raise StoreError(f"tensor {name} is cut short")
+        tensors[name], at = buf.view(dtype).reshape(shape), end
+    if base + at != size:
+        raise StoreError(f"{size - base - at} stray bytes after the tensors")
+    return tensors
+
+
+def _read_exact(f: BinaryIO, n: int) -> bytes:
+    data = f.read(n)
+    if len(data) != n:
+        raise StoreError(f"file cut short: {len(data)} of {n} bytes")
+    return data
 
 
 def _check_shapes(tensors: Mapping[str, torch.Tensor], layers: int) -> None:

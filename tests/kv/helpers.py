@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Callable
+from typing import TypeVar
+
+T = TypeVar("T")
 
 
 def run_threads(work: Callable[[int], object], n: int = 8) -> None:
@@ -23,3 +26,23 @@ def run_threads(work: Callable[[int], object], n: int = 8) -> None:
         th.join()
     if errors:
         raise errors[0]
+
+
+def finishes(call: Callable[[], T], timeout_s: float = 20.0) -> T:
+    """call() run in a daemon thread; fails the test if it has not returned after `timeout_s` (a hang)."""
+    result: list[T] = []
+    errors: list[BaseException] = []
+
+    def run() -> None:
+        try:
+            result.append(call())
+        except BaseException as e:  # surfaced below
+            errors.append(e)
+
+    th = threading.Thread(target=run, daemon=True)
+    th.start()
+    th.join(timeout_s)
+    assert not th.is_alive(), f"still blocked after {timeout_s} s"
+    if errors:
+        raise errors[0]
+    return result[0]

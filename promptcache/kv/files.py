@@ -1,0 +1,204 @@
+"""`FileStore`: one file per hex key in a sharded directory, for the disk store and the response cache.
+
+Layout: `<root>/<key[:2]>/<key><suffix>`. Keys are 16-64 lowercase hex characters, so a key never
+escapes the root.
+
+What it promises:
+- Writes are atomic: a temp file in the same directory is written, fsynced and renamed over the
+  final name, so a reader sees the old file or the whole new one, never a partial one.
+- A failed write (full disk, read-only directory, a directory squatting on the key's path) is
+  logged, counted in `write_failures` and reported as False: a cache problem never fails a request.
+- Only regular files are opened, without following a symlink and without blocking: a FIFO, device,
+  directory or symlink at a key's path is a miss (logged, counted in `read_failures`), never a hang
+  or a crash. The caller reads the file into memory it owns; nothing stays mapped.
+- A file the caller finds corrupt is deleted (`discard`), unless it was replaced in the meantime.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import stat
+import tempfile
+import threading
+from pathlib import Path
+from typing import BinaryIO
+
+from promptcache.errors import StoreError
+
+logger = logging.getLogger(__name__)
+
+KEY_RE = re.compile(r"[0-9a-f]{16,64}")
+TMP_PREFIX = ".tmp-"
+_MISSING = (FileNotFoundError, NotADirectoryError)
+
+
+def check_key(key: str) -> str:
+    """Returns `key` if it is 16-64 lowercase hex characters (so it can never escape the store's root).
+
+    Raises:
+        StoreError: any other key.
+    """
+    if not isinstance(key, str) or not KEY_RE.fullmatch(key):
+        raise StoreError(f"store keys are 16-64 lowercase hex characters, got {key!r}")
+    return key
+
+
+def atomic_write(path: Path, data: bytes) -> None:
+    """Write `data` to `path` so that readers only ever see the old file or the whole new one.
+
+    A temp file in the same directory is written and fsynced, then renamed over `path`; a process killed
+    mid-write leaves at most a stale `.tmp-*` file, never a partial file under the final name.
+
+    Raises:
+        OSError: the directory cannot be created or written, the disk is full, ...
+    """
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=TMP_PREFIX, suffix=".part", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def open_regular(path: Path) -> BinaryIO:
+    """Open `path` for reading if it is a regular file; never follows a symlink, never blocks.
+
+    Raises:
+        FileNotFoundError / NotADirectoryError: nothing there.
+        OSError: anything else there (a FIFO, device, directory or symlink), or it cannot be opened.
+    """
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOFOLLOW | getattr(os, "O_CLOEXEC", 0))
+    try:
+        mode = os.fstat(fd).st_mode
+        if not stat.S_ISREG(mode):
+            raise OSError(f"not a regular file (mode {stat.filemode(mode)})")
+        os.set_blocking(fd, True)
+        return os.fdopen(fd, "rb")
+    except BaseException:
+        os.close(fd)
+        raise
+
+
+class FileStore:
+    """Files by key under `root` (created if missing). Thread-safe.
+
+    Args:
+        root: the directory.
+        suffix: file name suffix, e.g. ".json".
+        argument: the user-facing name of `root` (e.g. "store_dir"), for error messages.
+
+    Raises:
+        StoreError: `root` is empty (which would mean the current directory) or cannot be created.
+    """
+
+    def __init__(self, root: str | os.PathLike, suffix: str, *, argument: str):
+        if not isinstance(root, (str, os.PathLike)) or not str(os.fspath(root)).strip():
+            raise StoreError(f"{argument} must be a directory path, got {root!r} (an empty path would write "
+                             f"into the current directory)")
+        self.root = Path(root)
+        self.suffix = suffix
+        self.argument = argument
+        try:
+            self.root.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise StoreError(f"cannot use {argument}={str(self.root)!r} as a directory: {e}") from e
+        self._lock = threading.RLock()
+        self.write_failures = 0
+        self.read_failures = 0
+
+    def path(self, key: str) -> Path:
+        """Where `key`'s file lives (whether or not it exists)."""
+        check_key(key)
+        return self.root / key[:2] / (key + self.suffix)
+
+    def open(self, key: str) -> BinaryIO | None:
+        """`key`'s file opened for reading; None when absent or not a regular file (logged, counted)."""
+        path = self.path(key)
+        try:
+            return open_regular(path)
+        except FileNotFoundError:
+            return None
+        except OSError as e:
+            self._count_read_failure("ignoring %s in %s: %s", path, self.argument, e)
+            return None
+
+    def write(self, key: str, data: bytes) -> bool:
+        """Atomically replace `key`'s file with `data`; False (logged, counted) when that fails."""
+        path = self.path(key)
+        try:
+            with self._lock:
+                atomic_write(path, data)
+            return True
+        except OSError as e:
+            with self._lock:
+                self.write_failures += 1
+            logger.warning("could not write %s in %s (served without it): %s", path, self.argument, e)
+            return False
+
+    def discard(self, key: str, f: BinaryIO, reason: str) -> None:
+        """Delete `key`'s file read as `f` because it is bad (logged, counted), unless it was replaced since."""
+        path = self.path(key)
+        self._count_read_failure("discarding %s: %s", path, reason)
+        seen = os.fstat(f.fileno())
+        with self._lock:
+            try:
+                now = os.lstat(path)
+                if (now.st_dev, now.st_ino) == (seen.st_dev, seen.st_ino):
+                    path.unlink()
+            except _MISSING:
+                pass
+            except OSError as e:
+                logger.warning("could not delete %s: %s", path, e)
+
+    def delete(self, key: str) -> bool:
+        """Remove `key`'s file; returns whether there was one (a directory there is left alone)."""
+        path = self.path(key)
+        with self._lock:
+            if not self._is_file(path):
+                return False
+            try:
+                path.unlink()
+                return True
+            except _MISSING:
+                return False
+
+    def __contains__(self, key: object) -> bool:
+        return isinstance(key, str) and KEY_RE.fullmatch(key) is not None and self._is_file(self.path(key))
+
+    def keys(self) -> list[str]:
+        """All keys with a regular file, sorted (stale temp files from killed writers are ignored)."""
+        return sorted(p.name[: -len(self.suffix)] for p in self._files())
+
+    def nbytes(self) -> int:
+        """Total size of the files."""
+        total = 0
+        for p in self._files():
+            try:
+                total += os.lstat(p).st_size
+            except _MISSING:  # deleted concurrently
+                pass
+        return total
+
+    def _files(self) -> list[Path]:
+        n = len(self.suffix)
+        return [p for p in self.root.glob("??/*" + self.suffix)
+                if KEY_RE.fullmatch(p.name[:-n]) and p.parent.name == p.name[:2] and self._is_file(p)]
+
+    @staticmethod
+    def _is_file(path: Path) -> bool:
+        try:
+            return stat.S_ISREG(os.lstat(path).st_mode)
+        except OSError:
+            return False
+
+    def _count_read_failure(self, message: str, *args: object) -> None:
+        with self._lock:
+            self.read_failures += 1
+        logger.warning(message, *args)
