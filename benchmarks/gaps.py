@@ -80,11 +80,8 @@ def gap_schema(tokenizer, doc_tokens: int) -> str:
 
 
 def first_logits(engine, prompt: str, cached: bool) -> torch.Tensor:
-    plan, layout = engine._plan(prompt)
-    capacity = len(plan.token_ids) + 1
-    req = engine._prefill_cached(plan, layout, capacity) if cached else engine._prefill_full(plan, capacity)
-    engine.pool.give(req[0].block)
-    return req[3].float()
+    with engine.prefill(engine.plan(prompt, enable_cache=cached)) as pre:
+        return pre.logits.float()
 
 
 def measure_case(engine, model_label: str, case: str, selection: str, args) -> dict:

@@ -9,11 +9,11 @@ realistic shapes.
 from __future__ import annotations
 
 import pytest
-import torch
 
 from benchmarks.common import filler_text
 from benchmarks.ttft import splice_setup
 from promptcache.engine.engine import Engine
+from promptcache.engine.generate import SamplingParams
 from promptcache.testing import tiny_model
 
 CONTEXT = 512
@@ -51,16 +51,17 @@ def test_ttft(benchmark, setup, enable_cache):
 def test_time_per_output_token(benchmark, setup):
     """One decode step (the engine's own step: one token, in-place cache write)."""
     engine, _, prompt = setup
-    plan, layout = engine._plan(prompt)
-    cache, k_pos, n, _, _ = engine._prefill_cached(plan, layout, len(plan.token_ids) + 1)
-    k_pos[n] = plan.next_position
-    ids = torch.tensor([[5]], dtype=torch.long, device=engine.device)
+    plan, params, state = engine.plan(prompt), SamplingParams(ignore_eos=True), {}
+    with engine.prefill(plan, max_new_tokens=2) as pre:
+        n = pre.length
 
-    def step():
-        engine.adapter.forward(ids, k_pos[n:n + 1], k_pos[:n + 1], cache, logits_to_keep=1, in_order=True)
+        def reset():  # back to just after the prefill, then pick the first token (no forward)
+            for layer in pre.cache.layers:
+                layer.crop(n)
+            state["decoder"] = engine.decoder(plan, pre, params)
+            state["decoder"].step()
 
-    def reset():
-        for layer in cache.layers:
-            layer.crop(n)
+        def step():  # feed that token (one forward, in-place cache write) and pick the next
+            state["decoder"].step()
 
-    benchmark.pedantic(step, setup=reset, rounds=50, warmup_rounds=2)
+        benchmark.pedantic(step, setup=reset, rounds=50, warmup_rounds=2)

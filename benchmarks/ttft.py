@@ -13,7 +13,7 @@ filler prose) and the prompt imports it and asks a short question. Measured in o
 - ttft_ideal_dynamic_ms: the same with a ready `DynamicCache` (transformers' default), whose update
   concatenates, i.e. copies the whole context once per forward, as the engine's splice does.
 - encode_ms: `add_schema` (parse, compile, encode the module, store it).
-- splice_ms: copying the stored states into a request cache (`kv.cache.splice`, a block from the
+- splice_ms: copying the stored states into a request cache (`kv.cache.request_cache`, a block from the
   engine's buffer pool, as requests get) alone.
 - tpot_ms: time per output token while decoding `--decode-tokens` tokens after the first.
 - kv_bytes_per_token: bytes of stored keys+values per cached token.
@@ -78,9 +78,10 @@ def ideal_setup(engine, prompt: str, kind: str = "static"):
     """
     from transformers.cache_utils import DynamicCache, StaticCache
 
-    plan, layout = engine._plan(prompt)
+    request = engine.plan(prompt)
+    plan = request.tokens
     assert plan.positions == tuple(range(len(plan.token_ids))), "bench prompts select every module in order"
-    parts, _, _ = engine._checkout(layout, plan.cached)
+    parts = engine.modules.checkout(request.schema, plan.cached).states
     n_cached = sum(len(p) for p in parts)
     assert n_cached == plan.cached_token_count and plan.new_positions[0] == n_cached
     if kind == "static":
@@ -119,28 +120,36 @@ def ideal_setup(engine, prompt: str, kind: str = "static"):
 
 def splice_setup(engine, prompt: str):
     """A closure that splices the prompt's stored states into a request cache."""
-    from promptcache.kv.cache import splice
+    from promptcache.kv.cache import request_cache
 
-    plan, layout = engine._plan(prompt)
-    parts, _, _ = engine._checkout(layout, plan.cached)
-    capacity = len(plan.token_ids) + 1
+    request = engine.plan(prompt)
+    parts = engine.modules.checkout(request.schema, request.tokens.cached).states
+    capacity = request.capacity(1)
+    kv_heads, head_dim = engine.adapter.kv_geometry
 
     def spliced():  # as a request does: a block from the engine's pool, given back when done
-        cache, _ = splice(parts, capacity, engine.device, engine.adapter.dtype, pool=engine.pool)
+        cache = request_cache(parts, capacity, num_layers=engine.adapter.num_layers, kv_heads=kv_heads,
+                              head_dim=head_dim, device=engine.device, dtype=engine.adapter.dtype, pool=engine.pool)
         engine.pool.give(cache.block)
 
     return spliced
 
 
-def host_store(engine, schema_name: str):
-    """A store holding the schema's states in host memory only (device budget 0)."""
-    from promptcache.kv.store import ModuleStore
+def host_engine(engine, schema: str, name: str):
+    """An engine on the same model whose store holds the schema's states in host memory only.
 
-    store = ModuleStore(engine.device, device_budget=0)
-    for key in engine.store.keys():
-        if key.startswith(schema_name + "\0"):
-            store.put(key, engine.store.get(key))
-    return store
+    NOTE: its store is filled with the states `engine` already encoded (same keys: same model, same
+    schema), so its add_schema finds them all and encodes nothing.
+    """
+    from promptcache.engine.engine import Engine
+
+    hosted = Engine(engine.model, engine.tokenizer, chat_format=engine.chat_format, device_budget_bytes=0,
+                    prefix_cache=False, progress=False)
+    version = engine.modules.current(name)
+    for path in version.cacheable():
+        hosted.store.put(version.key(path), engine.module_states(name, path))
+    hosted.add_schema(schema)
+    return hosted
 
 
 def measure(engine, tokenizer, model_label: str, context: int, args) -> dict:
@@ -154,23 +163,18 @@ def measure(engine, tokenizer, model_label: str, context: int, args) -> dict:
 
     run, reset, out, plan = ideal_setup(engine, prompt)
     run_dyn, reset_dyn, out_dyn, _ = ideal_setup(engine, prompt, "dynamic")
-    device_store, hosted = engine.store, host_store(engine, name)
-    assert hosted.tier_of(engine._key(name, "doc")) == "host"
+    hosted = host_engine(engine, schema, name)
+    assert hosted.module_tier(name, "doc") == "host"
 
     def on_host():
-        # NOTE: the host tier is timed on the same engine with its store swapped for a host-only one
-        # holding the same states: Engine(device_budget_bytes=0) would encode the module again.
-        engine.store = hosted
-        try:
-            first(True)()
-        finally:
-            engine.store = device_store
+        hosted.generate(prompt, max_new_tokens=1, ignore_eos=True)
 
     times = time_interleaved({"no_cache": first(False), "cache": first(True), "host": on_host,
                               "ideal": (run, reset), "dynamic": (run_dyn, reset_dyn),
                               "splice": splice_setup(engine, prompt)}, dev, repeat=rep)
     # Sanity: the ideal computes what the engine's cached prefill computes.
-    reference = engine._prefill_cached(plan, engine.schema(name), len(plan.token_ids) + 1)[3]
+    with engine.prefill(engine.plan(prompt)) as pre:
+        reference = pre.logits
     ideal_err = max(float((o["logits"][0, -1].float() - reference.float()).abs().max()) for o in (out, out_dyn))
     tpot = []
     for _ in range(max(1, rep // 2) + 1):
@@ -178,9 +182,8 @@ def measure(engine, tokenizer, model_label: str, context: int, args) -> dict:
         assert not c.usage.response_cached, "timings must not come from the response cache"
         tpot.append((c.usage.total_s - c.usage.ttft_s) * 1e3 / max(1, c.usage.output_tokens - 1))
     sync(dev)
-    stored = engine.store.get(engine._key(name, "doc"))
-    for key in [k for k in engine.store.keys() if k.startswith(name + "\0")]:
-        engine.store.remove(key)  # free this context's states before the next
+    stored = engine.module_states(name, "doc")
+    engine.remove_schema(name)  # free this context's states before the next
     row = {"model": model_label, "device": str(dev), "context_tokens": plan.cached_token_count,
            "new_tokens": len(plan.new_token_ids), "ttft_no_cache_ms": median(times["no_cache"]),
            "ttft_cache_ms": median(times["cache"]), "ttft_ideal_ms": median(times["ideal"])}

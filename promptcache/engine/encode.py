@@ -14,25 +14,12 @@ from collections import defaultdict
 import torch
 from tqdm.auto import tqdm
 
-from ..kv.cache import empty_cache, splice
+from ..kv.cache import request_cache
 from ..kv.states import KVStates
 from ..markup.layout import EncodePass, SchemaLayout
+from .prefill import run_chunks
 
 logger = logging.getLogger(__name__)
-
-CHUNK = 1024  # tokens per forward when prefilling a long pass (bounds attention memory)
-
-
-def prefill(adapter, ids: torch.Tensor, q_pos: torch.Tensor, cache, past_pos: torch.Tensor | None,
-            chunk: int = CHUNK, logits_to_keep: int = 1) -> torch.Tensor:
-    """Run ids [batch, q] at q_pos through `cache` in chunks; logits of the last chunk's tail."""
-    logits = None
-    for a in range(0, ids.shape[1], chunk):
-        b = min(a + chunk, ids.shape[1])
-        k_pos = q_pos[:b] if past_pos is None else torch.cat([past_pos, q_pos[:b]])
-        logits = adapter.forward(ids[:, a:b], q_pos[a:b], k_pos, cache, logits_to_keep=logits_to_keep)
-    return logits
-
 
 def _needed_passes(layout: SchemaLayout, want: set[str] | None) -> list[int]:
     if want is None:
@@ -104,20 +91,16 @@ def _run_group(adapter, layout: SchemaLayout, members: list[int], prefix: KVStat
         ids[r, : len(p.token_ids)] = torch.tensor(p.token_ids, dtype=torch.long)
     # One batch shares positions: the longest pass's; padding continues past shorter ones.
     q_pos = torch.tensor(max(passes, key=lambda p: len(p.token_ids)).positions, dtype=torch.long, device=dev)
-    n_prefix = len(prefix) if prefix is not None else 0
-    if prefix is not None and n_prefix:
-        cache, past_pos = splice([prefix], n_prefix + width, dev, adapter.dtype, batch=len(passes))
-    else:
-        kv_heads, head_dim = adapter.kv_geometry
-        cache = empty_cache(adapter.num_layers, kv_heads, head_dim, width, dev, adapter.dtype, len(passes))
-        past_pos = None
-    prefill(adapter, ids, q_pos, cache, past_pos)
+    parts = [prefix] if prefix is not None and len(prefix) else []
+    kv_heads, head_dim = adapter.kv_geometry
+    cache = request_cache(parts, sum(len(p) for p in parts) + width, num_layers=adapter.num_layers,
+                          kv_heads=kv_heads, head_dim=head_dim, device=dev, dtype=adapter.dtype, batch=len(passes))
+    n_prefix = len(cache.spliced_positions)
+    all_pos = torch.cat([cache.spliced_positions, q_pos])
+    run_chunks(adapter, ids, all_pos, n_prefix, cache)
     out = []
-    all_pos = q_pos if past_pos is None else torch.cat([past_pos, q_pos])
     for r, p in enumerate(passes):
-        n = n_prefix + len(p.token_ids)
         toks = (prefix.token_ids if prefix is not None else ()) + p.token_ids
         pos = torch.cat([all_pos[:n_prefix], torch.tensor(p.positions, dtype=torch.long, device=dev)])
-        out.append(KVStates(toks, pos, tuple(layer.keys[r:r + 1, :, :n] for layer in cache.layers),
-                            tuple(layer.values[r:r + 1, :, :n] for layer in cache.layers)))
+        out.append(cache.states(toks, pos, row=r))
     return out

@@ -1,4 +1,4 @@
-"""Decoding: sampling parameters, one token at a time, stop conditions, streamable text.
+"""Sampling parameters, token picking, stop strings and streamable text (the `Decoder` uses them).
 
 Sampling maths comes from transformers' logits processors; each request has its own
 `torch.Generator`, so a seed reproduces a sample regardless of other threads.
@@ -7,8 +7,7 @@ Sampling maths comes from transformers' logits processors; each request has its 
 from __future__ import annotations
 
 import re
-from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, fields, replace
 
 import torch
 from transformers import (
@@ -49,9 +48,36 @@ class SamplingParams:
             if not ok:
                 raise PromptError(f"invalid {name}={getattr(self, name)!r}: must be {valid}")
 
+    @classmethod
+    def merge(cls, base: SamplingParams | None = None, **overrides) -> SamplingParams:
+        """`base` (default: all defaults) with keyword `overrides`; unknown names are a PromptError."""
+        if base is not None and not isinstance(base, SamplingParams):
+            raise PromptError(f"sampling must be a SamplingParams, got {type(base).__name__}")
+        unknown = sorted(set(overrides) - {f.name for f in fields(cls)})
+        if unknown:
+            raise PromptError(f"unknown generation argument(s) {unknown}; valid: "
+                              f"{', '.join(f.name for f in fields(cls))}")
+        if isinstance(overrides.get("stop"), str):
+            overrides["stop"] = (overrides["stop"],)
+        for name in ("stop", "stop_token_ids"):
+            if name in overrides and overrides[name] is None:
+                overrides[name] = ()
+            elif isinstance(overrides.get(name), (list, tuple)):
+                overrides[name] = tuple(overrides[name])
+        return replace(base or cls(), **overrides)
+
     @property
     def greedy(self) -> bool:
         return self.temperature == 0
+
+    @property
+    def deterministic(self) -> bool:
+        """Whether the same prompt always gets the same tokens (a response cache may serve it)."""
+        return self.greedy or self.seed is not None or self.top_k == 1
+
+    def key(self) -> dict:
+        """Every field, JSON-ready (for cache keys)."""
+        return {f.name: list(v) if isinstance(v := getattr(self, f.name), tuple) else v for f in fields(self)}
 
     def processors(self) -> LogitsProcessorList:
         procs = LogitsProcessorList()
@@ -136,26 +162,3 @@ def eos_ids(model, tokenizer) -> set[int]:
         value = getattr(src, "eos_token_id", None)
         ids.update(value if isinstance(value, (list, tuple)) else [value] if value is not None else [])
     return ids
-
-
-def decode_tokens(step, first_logits: torch.Tensor, prompt_ids: list[int], params: SamplingParams,
-                  stop_ids: set[int], room: int, device) -> Iterator[tuple[int | None, str | None]]:
-    """Yield (token, None) per generated token, then (None, finish_reason).
-
-    `step(token) -> logits` runs one decode step; `room` is how many tokens fit in the context.
-    """
-    pick = TokenPicker(params, device)
-    hist_buf = torch.empty((1, len(prompt_ids) + params.max_new_tokens), dtype=torch.long, device=device)
-    hist_buf[0, : len(prompt_ids)] = torch.tensor(prompt_ids, dtype=torch.long)
-    n, logits = len(prompt_ids), first_logits
-    for i in range(min(params.max_new_tokens, room)):
-        token = pick(logits, hist_buf[:, :n])
-        hist_buf[0, n] = token
-        n += 1
-        if token in stop_ids:
-            yield None, "stop"
-            return
-        yield token, None
-        if i + 1 < min(params.max_new_tokens, room):
-            logits = step(token)
-    yield None, "length"

@@ -107,7 +107,7 @@ def test_prompt_longer_than_the_context_window(small):
 def test_generation_stops_at_the_end_of_the_context_window(small):
     small.add_schema(SHORT)
     prompt = '<prompt schema="short"><doc/>Where is the hotel by the water, and the city?</prompt>'
-    plan, _ = small._plan(prompt)
+    plan = small.plan(prompt).tokens
     room = 64 - plan.next_position
     assert 0 < room < 40
     out = small.generate(prompt, max_new_tokens=40, ignore_eos=True)

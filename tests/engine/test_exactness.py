@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from promptcache.engine import encode
+from promptcache.engine import prefill
 
 from .conftest import ALL_DOCS_PROMPT, DOCS, make_engine
 
@@ -44,16 +44,16 @@ def test_all_modules_in_order_is_exact(engine):
 
 
 def test_first_logits_match(engine):
-    layout = engine.add_schema(DOCS)
-    plan, _ = engine._plan(ALL_DOCS_PROMPT)
-    assert plan.positions == tuple(range(len(plan.token_ids)))
-    cache_args = engine._prefill_cached(plan, layout, len(plan.token_ids) + 1)
-    full_args = engine._prefill_full(plan, len(plan.token_ids) + 1)
-    torch.testing.assert_close(cache_args[3], full_args[3], rtol=1e-4, atol=1e-4)
+    engine.add_schema(DOCS)
+    plan = engine.plan(ALL_DOCS_PROMPT)
+    assert plan.source == "modules" and plan.tokens.positions == tuple(range(len(plan.token_ids)))
+    with engine.prefill(plan) as cached, engine.prefill(engine.plan(ALL_DOCS_PROMPT, enable_cache=False)) as full:
+        assert cached.cached_tokens > 0 and full.cached_tokens == 0
+        torch.testing.assert_close(cached.logits, full.logits, rtol=1e-4, atol=1e-4)
 
 
 def test_chunked_encoding_is_exact(engine, monkeypatch):
-    monkeypatch.setattr(encode, "CHUNK", 7)
+    monkeypatch.setattr(prefill, "CHUNK", 7)
     engine.add_schema(DOCS)
     _same(engine, ALL_DOCS_PROMPT)
 

@@ -36,7 +36,7 @@ def test_device_and_dtype_are_honoured(checkpoint):
                                        prefix_cache=False)
     assert engine.device.type == "cpu" and engine.adapter.dtype == torch.bfloat16 and engine.prefix is None
     engine.add_schema(DOCS)
-    assert next(iter(engine.store.get(engine._key("docs", "intro")).keys)).dtype == torch.bfloat16
+    assert next(iter(engine.module_states("docs", "intro").keys)).dtype == torch.bfloat16
 
 
 @pytest.mark.parametrize("dtype", ["float33", "nn", "Tensor"])

@@ -47,14 +47,14 @@ def masked(segments) -> tuple[list[int], list[int]]:
 
 
 def first_logits(engine, prompt) -> torch.Tensor:
-    plan, layout = engine._plan(prompt)
-    return engine._prefill_cached(plan, layout, len(plan.token_ids) + 1)[3]
+    with engine.prefill(engine.plan(prompt)) as pre:
+        return pre.logits
 
 
 def test_skipped_module_equals_masked_plain_forward(engine):
     layout = engine.add_schema(GAP)
     prompt = f'<prompt schema="gap"><a/>{QUESTION}</prompt>'
-    plan, _ = engine._plan(prompt)
+    plan = engine.plan(prompt).tokens
     root, a, b, c = (layout.module(p) for p in (ROOT, "a", "b", "c"))
     assert plan.new_positions[0] == layout.length > b.end, "the question sits after a gap"
     # The gap is b and c (c's slot included): present in the oracle, masked out.
@@ -75,7 +75,7 @@ def test_gap_oracle_holds_while_decoding(engine):
     assert unfilled > 0
     ids, mask = masked([(root.token_ids, 1), (a.token_ids, 1), (b.token_ids, 0), (c.token_ids, 1),
                         (arg, 1), (c.slots["days"].filler[:unfilled], 0), (question, 1)])
-    assert len(ids) == engine._plan(prompt)[0].next_position
+    assert len(ids) == engine.plan(prompt).tokens.next_position
     greedy = []
     for _ in range(6):
         token = int(plain_logits(engine, ids, mask)[-1].argmax())
@@ -96,4 +96,4 @@ def test_mpt_without_position_aware_alibi_would_fail(engine):
     engine.adapter.positions = lambda k_pos: contextlib.nullcontext()
     index_based = first_logits(engine, prompt)
     assert (aware - index_based).abs().max() > 1e-3
-    assert layout.length > len(engine._plan(prompt)[0].token_ids)
+    assert layout.length > len(engine.plan(prompt).tokens.token_ids)

@@ -78,7 +78,7 @@ def test_stream_concatenates_to_generate(docs, kwargs):
 
 
 def test_usage_is_consistent(docs):
-    plan, _ = docs._plan(ALL_DOCS_PROMPT)
+    plan = docs.plan(ALL_DOCS_PROMPT).tokens
     cached = docs.generate(ALL_DOCS_PROMPT, max_new_tokens=6)
     plain = docs.generate(ALL_DOCS_PROMPT, max_new_tokens=6, enable_cache=False)
     for out in (cached, plain):
@@ -96,7 +96,7 @@ def test_usage_is_consistent(docs):
 def test_prompt_without_new_tokens_computes_its_last_token(docs):
     # Nothing after the schema: the last cached token is recomputed to get the first logits.
     prompt = '<prompt schema="docs"><intro/><code/><notes/></prompt>'
-    plan, _ = docs._plan(prompt)
+    plan = docs.plan(prompt).tokens
     assert plan.new_token_ids == ()
     cached = docs.generate(prompt, max_new_tokens=8)
     plain = docs.generate(prompt, max_new_tokens=8, enable_cache=False)

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import promptcache as pc
-from promptcache.engine import engine as engine_module
+from promptcache.engine import modules as modules_module
 from promptcache.errors import PromptError
 
 from .conftest import ALL_DOCS_PROMPT, DOCS, make_engine
@@ -18,13 +18,13 @@ N = 6
 def encodes(monkeypatch) -> list[set[str] | None]:
     """Every `want` passed to encode_schema by the engine (None: all modules)."""
     calls: list[set[str] | None] = []
-    real = engine_module.encode_schema
+    real = modules_module.encode_schema
 
     def counting(adapter, layout, want=None, **kw):
         calls.append(None if want is None else set(want))
         return real(adapter, layout, want, **kw)
 
-    monkeypatch.setattr(engine_module, "encode_schema", counting)
+    monkeypatch.setattr(modules_module, "encode_schema", counting)
     return calls
 
 
@@ -127,8 +127,7 @@ def test_pin_keeps_module_resident(arch):
     engine = make_engine(arch)
     engine.add_schema(DOCS)
     engine.pin("docs", "intro")
-    key = engine._key("docs", "intro")
-    small = make_engine(arch, device_budget_bytes=0, host_budget_bytes=engine.store.get(key).nbytes)
+    small = make_engine(arch, device_budget_bytes=0, host_budget_bytes=engine.module_states("docs", "intro").nbytes)
     small.add_schema(DOCS)
     # NOTE: pinning needs the module resident (see test_pin_of_evicted_module): use it first.
     small.generate('<prompt schema="docs"><intro/>Why?</prompt>', max_new_tokens=2)
@@ -136,7 +135,7 @@ def test_pin_keeps_module_resident(arch):
     for other in ("code", "notes"):
         prompt = f'<prompt schema="docs"><{other}/>Why?</prompt>'
         small.generate(prompt, max_new_tokens=2)
-        assert key in small.store
+        assert small.module_tier("docs", "intro") == "host"
     out = small.generate(ALL_DOCS_PROMPT, max_new_tokens=N)
     assert "intro" in out.usage.modules_hit and "intro" not in out.usage.modules_written
 
@@ -146,7 +145,7 @@ def test_pin_of_evicted_module():
     engine = make_engine("llama", device_budget_bytes=0, host_budget_bytes=0)
     engine.add_schema(DOCS)
     engine.pin("docs", "intro")
-    assert engine._key("docs", "intro") in engine.store
+    assert engine.module_tier("docs", "intro") == "host"
 
 
 def test_pin_unknown_module_lists_cached(engine):

@@ -57,7 +57,7 @@ def test_pass_zero_modules_equal_a_plain_forward(engine):
     owners = {o for o in p0.owners if o is not None}
     assert owners == {ROOT, "intro", "intro/hotel", "long", "trip", "notes"}
     for path in owners:
-        stored = engine.store.get(engine._key(layout.name, path))
+        stored = engine.module_states(layout.name, path)
         index = [i for i, o in enumerate(p0.owners) if o == path]
         assert stored.positions.tolist() == list(layout.module(path).positions)
         assert stored.positions.tolist() == [p0.positions[i] for i in index]
@@ -74,7 +74,7 @@ def test_a_non_scaffold_member_equals_a_forward_after_what_precedes_its_union(en
     positions = [p0.positions[i] for i in before] + list(short.positions)
     assert positions == list(range(len(positions)))
     cache = plain_states(engine, token_ids, positions)
-    stored = engine.store.get(engine._key(layout.name, "short"))
+    stored = engine.module_states(layout.name, "short")
     assert stored.positions.tolist() == list(short.positions)
     assert_states_match(stored, cache, list(range(len(before), len(positions))))
 
@@ -92,7 +92,7 @@ def test_members_of_unions_after_empty_scaffolds_sit_at_their_own_positions():
         token_ids = [p0.token_ids[i] for i in before] + list(mod.token_ids)
         positions = [p0.positions[i] for i in before] + list(mod.positions)
         cache = plain_states(engine, token_ids, positions)
-        stored = engine.store.get(engine._key(layout.name, path))
+        stored = engine.module_states(layout.name, path)
         assert stored.positions.tolist() == list(mod.positions)
         assert_states_match(stored, cache, list(range(len(before), len(positions))))
 

@@ -26,7 +26,7 @@ def _exact(engine, prompt, **kw):
 
 
 def _ids(engine, prompt) -> tuple[int, ...]:
-    return engine._plan(prompt)[0].token_ids
+    return engine.plan(prompt).tokens.token_ids
 
 
 def _common(a, b) -> int:

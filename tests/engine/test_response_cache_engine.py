@@ -37,11 +37,32 @@ def test_chat_messages_are_served(cached):
     assert second.usage.response_cached and second.token_ids == first.token_ids
 
 
-def test_whitespace_differences_share_an_entry(cached):
-    first = cached.generate(PROMPT, max_new_tokens=N)
-    spaced = cached.generate("  Plan a trip to the\n city   with a good hotel.\n", max_new_tokens=N)
-    assert spaced.usage.response_cached and spaced.text == first.text
-    assert _files(cached) == 1
+def test_whitespace_differences_do_not_share_an_entry(cached):
+    # Code differs in its whitespace: the key is the exact content (the tokens fed), never normalised.
+    first = cached.generate("def f():\n    return 1", max_new_tokens=N)
+    flat = cached.generate("def f(): return 1", max_new_tokens=N)
+    assert not first.usage.response_cached and not flat.usage.response_cached
+    assert _files(cached) == 2
+
+
+def test_redefined_schema_is_not_served_the_old_answer(cached):
+    schema = '<schema name="s"><module name="doc">{}</module></schema>'
+    prompt = '<prompt schema="s"><doc/>What is it about?</prompt>'
+    cached.add_schema(schema.format("The first document talks about the city and its hotel."))
+    old = cached.generate(prompt, max_new_tokens=N)
+    assert cached.generate(prompt, max_new_tokens=N).usage.response_cached
+    cached.add_schema(schema.format("A list of what people said about water, air and the earth."))
+    new = cached.generate(prompt, max_new_tokens=N)
+    assert not new.usage.response_cached
+    assert new.token_ids == cached.generate(prompt, max_new_tokens=N, enable_cache=False).token_ids
+    assert new.token_ids != old.token_ids
+
+
+def test_chat_format_is_part_of_the_key(arch, tmp_path):
+    messages = [{"role": "user", "content": PROMPT}]
+    make_engine(arch, response_cache_dir=tmp_path).generate(messages, max_new_tokens=N)
+    other = make_engine(arch, response_cache_dir=tmp_path, chat_format="plain").generate(messages, max_new_tokens=N)
+    assert not other.usage.response_cached
 
 
 def test_sampling_without_seed_is_never_cached(tmp_path):
