@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -9,6 +10,7 @@ import pytest
 from lxml import etree
 
 from promptcache.markup import xmlsafe
+from promptcache.markup.check import check_schema
 from promptcache.markup.nodes import Module, Param, RoleBlock, Schema, Selection, Text, Union
 from promptcache.markup.parse import is_pml, parse_prompt, parse_schema
 
@@ -123,4 +125,13 @@ def test_docqa_has_many_documents():
 def test_grammar_ships_inside_the_package():
     shipped = Path(xmlsafe.__file__).with_name("pml.rng")
     assert shipped.resolve() == (SCHEMAS / "pml.rng").resolve()
-    assert isinstance(Schema, type) and xmlsafe.grammar() is xmlsafe.grammar()
+    pyproject = (SCHEMAS.parent / "pyproject.toml").read_text(encoding="utf-8")
+    assert re.search(r'\[tool\.setuptools\.package-data\]\npromptcache = \[[^]]*"markup/pml\.rng"', pyproject)
+    assert xmlsafe.grammar() is xmlsafe.grammar()  # built once
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_example_schemas_pass_the_checker_unchanged(name):
+    schema = parse_schema(SCHEMAS / f"{name}.xml")
+    assert check_schema(schema) is schema
+    assert isinstance(schema, Schema) and schema.children

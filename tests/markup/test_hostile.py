@@ -194,6 +194,26 @@ def test_src_fifo_and_directory_are_not_read(base):
         assert "not a regular file" in error.message or "cannot read" in error.message
 
 
+# ---- characters ------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("body", ["if a < b: x", "a<b", "a <= b", "x && y", "tom&jerry", "a<b and c>d", "&nbsp;"])
+def test_bare_markup_characters_in_text_get_a_cdata_hint(body):
+    error = refused(parse_schema, f'<schema name="t"><module name="m">\n{body}</module></schema>')
+    assert error.message.startswith("malformed XML") and error.line == 2
+    assert "use <![CDATA[...]]> or &lt; / &amp;" in error.message
+
+
+def test_other_syntax_errors_get_no_cdata_hint():
+    error = refused(parse_schema, '<schema name="t"><module name="m">a ]]> b</module></schema>')
+    assert "CDATA[...]" not in error.message
+
+
+def test_lone_surrogates_are_refused_where_they_are():
+    error = refused(parse_schema, '<schema name="t">\n  x\ud83d</schema>')
+    assert "lone surrogate U+D83D" in error.message and (error.line, error.column) == (2, 4)
+    assert "lone surrogate U+DFFF" in refused(parse_prompt, '<prompt schema="t"><user>\udfff</user></prompt>').message
+
+
 # ---- anything else still ends as a SchemaError -----------------------------------------------
 
 @pytest.mark.parametrize("doc", [

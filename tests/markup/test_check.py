@@ -1,0 +1,369 @@
+"""The one PML checker: objects are checked exactly like markup, the grammar agrees with it, and
+its work grows linearly with the input."""
+
+from __future__ import annotations
+
+import random
+import re
+import sys
+
+import pytest
+from lxml import etree
+
+from promptcache.errors import SchemaError
+from promptcache.markup import xmlsafe
+from promptcache.markup.builder import SchemaBuilder, make_prompt, select
+from promptcache.markup.check import check_prompt, check_schema
+from promptcache.markup.nodes import Module, Param, Prompt, RoleBlock, Schema, Selection, Text, Union
+from promptcache.markup.parse import parse_prompt, parse_schema
+from promptcache.markup.rules import MAX_DEPTH
+
+
+def refused(fn, *args, **kwargs) -> str:
+    with pytest.raises(SchemaError) as info:
+        fn(*args, **kwargs)
+    return info.value.message
+
+
+def without_lines(message: str) -> str:
+    """Objects carry no lines: compare messages with the "(line N)" parts taken out."""
+    return re.sub(r" \((first at )?line \d+\)", "", message)
+
+
+# ---- objects and markup: the same rules, the same words -------------------------------------
+
+M = Module
+SAME_AS_XML = [
+    (Schema("t", (M("a", ()), M("a", ()))), '<schema name="t"><module name="a"/><module name="a"/></schema>'),
+    (Schema("t", (M("a", ()), Union((M("a", ()),)))),
+     '<schema name="t"><module name="a"/><union><module name="a"/></union></schema>'),
+    (Schema("t", (M("a", (M("b", ()),)), M("a/b", ()))),
+     '<schema name="t"><module name="a"><module name="b"/></module><module name="a/b"/></schema>'),
+    (Schema("t", (M("user", ()),)), '<schema name="t"><module name="user"/></schema>'),
+    (Schema("t", (M("a", (Param("p", -1),)),)),
+     '<schema name="t"><module name="a"><parameter name="p" length="-1"/></module></schema>'),
+    (Schema("t", (M("a", (Param("p", 0),)),)),
+     '<schema name="t"><module name="a"><parameter name="p" length="0"/></module></schema>'),
+    (Schema("t", (M("a", (Param("p", 10**9),)),)),
+     '<schema name="t"><module name="a"><parameter name="p" length="1000000000"/></module></schema>'),
+    (Schema("t", (M("a", (Param("p", 1), RoleBlock("user", (Param("p", 2),)))),)),
+     '<schema name="t"><module name="a"><parameter name="p" length="1"/><user><parameter name="p" '
+     'length="2"/></user></module></schema>'),
+    (Schema("t", (M("a", (), cache="yes"),)), '<schema name="t"><module name="a" cache="yes"/></schema>'),
+    (Schema("t", (Param("p", 1),)), '<schema name="t"><parameter name="p" length="1"/></schema>'),
+    (Schema("t", (RoleBlock("user", (Param("p", 1),)),)),
+     '<schema name="t"><user><parameter name="p" length="1"/></user></schema>'),
+    (Schema("t", (RoleBlock("user", (M("a", (RoleBlock("system", ()),)),)),)),
+     '<schema name="t"><user><module name="a"><system/></module></user></schema>'),
+    (Schema("t", (Union(()),)), '<schema name="t"><union/></schema>'),
+    (Schema("t", (Union((Text("hello"), M("a", ()))),)),
+     '<schema name="t"><union>hello<module name="a"/></union></schema>'),
+    (Schema("t", (Union((RoleBlock("user", ()),)),)), '<schema name="t"><union><user/></union></schema>'),
+    (Schema("t", (Union((M("a", ()), M("b", ())), scaffold="c"),)),
+     '<schema name="t"><union scaffold="c"><module name="a"/><module name="b"/></union></schema>'),
+    (Schema("t", (Union((M("a", ()),), scaffold="a b"),)),
+     '<schema name="t"><union scaffold="a b"><module name="a"/></union></schema>'),
+    (Schema("t", (M("a\u200bb", ()),)), '<schema name="t"><module name="a&#x200b;b"/></schema>'),
+    (Schema("t\u202e", ()), '<schema name="t&#x202e;"/>'),
+    (Schema(" t", ()), '<schema name=" t"/>'),
+]
+
+
+@pytest.mark.parametrize("schema, xml", SAME_AS_XML)
+def test_objects_are_refused_with_the_words_markup_gets(schema, xml):
+    from_xml = refused(parse_schema, xml)
+    assert refused(check_schema, schema) == without_lines(from_xml)
+
+
+@pytest.mark.parametrize("schema, phrase", [
+    (Schema("t", (M("a\u200b", ()),)), "U+200B (ZERO WIDTH SPACE)"),
+    (Schema("t", (M("a", (Param("p\u202e", 1),)),)), "U+202E (RIGHT-TO-LEFT OVERRIDE)"),
+    (Schema("t", (Union((M("a", ()),), scaffold="a\u2066"),)), "U+2066"),
+    (Schema("t", ("some text",)), "not str 'some text'"),
+    (Schema("t", (M("a", [Text("x")]),)), "children must be a tuple of nodes, got list"),
+    (Schema("t", [M("a", ())]), "children must be a tuple of nodes, got list"),
+    (Schema("t", (M("a", (Selection("b"),)),)), "not <b>"),
+    (Schema("t", (RoleBlock("tool", ()),)), "unknown role 'tool'"),
+    (Schema("t", (M("a", (Param("p", True),)),)), "length True"),
+    (Schema("t", (M("a", (Param("p", "8"),)),)), "length '8'"),
+    (Schema("t", (M("a", (Param("p", 2, scaffold=3),)),)), "scaffold of parameter 'p' must be a str"),
+    (Schema("t", (M("a", (Text(b"x"),)),)), "text must be a str, got bytes"),
+    (Schema("t", (Text("\ud800"),)), "lone surrogate U+D800"),
+    (Schema(None, ()), "schema name must be a str"),
+    ("<schema/>", "expected a Schema, got str"),
+])
+def test_objects_get_named_errors_not_raw_exceptions(schema, phrase):
+    assert phrase in refused(check_schema, schema)
+
+
+def test_duplicate_top_level_module_no_longer_drops_one():
+    schema = Schema("t", (M("a", (Text("one"),)), M("a", (Text("two"),))))
+    assert "duplicate module name 'a' in schema 't'" in refused(check_schema, schema)
+
+
+def deep_module(depth: int) -> Schema:
+    node = M("leaf", ())
+    for i in range(depth):
+        node = M(f"m{i}", (node,))
+    return Schema("t", (node,))
+
+
+def test_depth_is_bounded_without_recursion():
+    assert check_schema(deep_module(MAX_DEPTH - 2))
+    assert f"more than {MAX_DEPTH} levels" in refused(check_schema, deep_module(MAX_DEPTH - 1))
+    limit = sys.getrecursionlimit()
+    assert f"more than {MAX_DEPTH} levels" in refused(check_schema, deep_module(limit * 3))
+
+
+def test_valid_objects_come_back_unchanged():
+    schema = Schema("t", (Text("Hi "), M("a", (Param("p", 4, "x"), RoleBlock("user", (Text("q"),)))),
+                          Union((M("b", ()), M("c", (), cache=False)), scaffold="c")))
+    assert check_schema(schema) is schema
+    assert parse_schema('<schema name="t">Hi <module name="a"><parameter name="p" length="4" scaffold="x"/>'
+                        '<user>q</user></module><union scaffold="c"><module name="b"/>'
+                        '<module name="c" cache="false"/></union></schema>') == schema
+
+
+@pytest.mark.parametrize("written, length", [(" +05 ", 5), ("0000000000000000000004096", 4096), ("1", 1)])
+def test_parameter_length_is_read_as_an_xml_schema_integer(written, length):
+    xml = f'<schema name="t"><module name="a"><parameter name="p" length="{written}"/></module></schema>'
+    assert parse_schema(xml).children[0].children == (Param("p", length),)
+    assert xmlsafe.grammar().validate(etree.fromstring(xml.encode()))
+
+
+def test_absurd_length_is_refused_by_name_not_by_int():
+    xml = f'<schema name="t"><module name="a"><parameter name="p" length="{"9" * 5000}"/></module></schema>'
+    message = refused(parse_schema, xml)
+    assert "length= must be an integer from 1 to 4096" in message and len(message) < 200
+
+
+def test_builder_uses_the_same_words():
+    b = SchemaBuilder("t")
+    with b.module("a"):
+        pass
+    with pytest.raises(SchemaError) as info:
+        b.module("a").__enter__()
+    xml = '<schema name="t"><module name="a"/><module name="a"/></schema>'
+    assert info.value.message == without_lines(refused(parse_schema, xml))
+
+
+def test_builder_accepts_integer_types_with_index():
+    class Four:
+        def __index__(self) -> int:
+            return 4
+
+    b = SchemaBuilder("t")
+    with b.module("a"):
+        b.parameter("p", Four())
+    assert b.build().children[0].children == (Param("p", 4),)
+
+
+# ---- prompts --------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("prompt, phrase", [
+    (Prompt("t", (Selection("a", (("x", 1),)),)), "argument 'x' must be a str, got int"),
+    (Prompt("t", (Selection("a", (("x",),)),)), "(name, value) pairs"),
+    (Prompt("t", (Selection("a", (("x", "1"), ("x", "2"))),)), "argument 'x' is given twice"),
+    (Prompt("t", (Selection("a", (("9x", "1"),)),)), "argument name '9x' is not valid"),
+    (Prompt("t", (Selection("a", (("x", "\udc00"),)),)), "lone surrogate U+DC00"),
+    (Prompt("t", (Selection("a/b"),)), "cannot select a module"),
+    (Prompt("t", (Selection("a\u200d"),)), "U+200D"),
+    (Prompt("t", (Selection("user"),)), "not a module selection"),
+    (Prompt("t", (Selection("a", (), (Selection("module"),)),)), "not allowed inside selection <a>"),
+    (Prompt("t", ("a",)), "a prompt holds Selections"),
+    (Prompt("t", (), (M("a", ()),)), "holds Text and RoleBlock turns"),
+    (Prompt("t", (), (RoleBlock("user", (Param("p", 1),)),)), "holds text only"),
+    (Prompt("t", (), (RoleBlock("bot", ()),)), "unknown role 'bot'"),
+    (Prompt("", ()), "schema name '' is not valid"),
+    (Prompt("t", [Selection("a")]), "must be tuples"),
+])
+def test_prompt_objects_get_named_errors(prompt, phrase):
+    assert phrase in refused(check_prompt, prompt)
+
+
+def test_prompt_selection_depth_is_bounded_without_recursion():
+    sel = Selection("leaf")
+    for i in range(sys.getrecursionlimit() * 3):
+        sel = Selection(f"s{i}", (), (sel,))
+    assert "nest more than" in refused(check_prompt, Prompt("t", (sel,)))
+
+
+def test_prompt_objects_and_markup_share_words():
+    xml = '<prompt schema="t"><a><user/></a></prompt>'
+    obj = Prompt("t", (Selection("a", (), (Selection("user"),)),))
+    assert refused(check_prompt, obj) == without_lines(refused(parse_prompt, xml))
+    assert check_prompt(make_prompt("t", select("a", x=3), text="hi")) == parse_prompt(
+        '<prompt schema="t" xml:space="preserve"><a x="3"/>hi</prompt>')
+
+
+# ---- the grammar and the checker agree ------------------------------------------------------
+
+XI = ' xmlns:xi="http://www.w3.org/2001/XInclude"'
+# Grammar-valid documents the checker still refuses, for rules the grammar cannot state:
+BEYOND_GRAMMAR = ("duplicate", "is not one of its members")
+
+
+class SchemaDocs:
+    """Random schema documents from PML's vocabulary, mistakes included (seeded)."""
+
+    TAGS = ["module"] * 5 + ["union"] * 2 + ["parameter"] * 2 + ["system", "user", "assistant", "modul",
+                                                                   "xi:include", "schema"]
+    VALUES = {"cache": ["true", "false", "yes", " true "], "src": ["f.txt", ""], "size": ["3"],
+              "length": ["1", "4096", " +05 ", "0", "4097", "x", "-3"], "xml:space": ["preserve", "keep"]}
+    OPTIONAL = {"module": ["cache", "src", "xml:space"], "union": ["scaffold"], "parameter": ["scaffold"],
+                "system": ["xml:space"], "user": ["xml:space"], "assistant": ["xml:space"]}
+
+    def __init__(self, seed: int):
+        self.rng, self.count = random.Random(seed), 0
+
+    def name(self) -> str:
+        self.count += 1
+        return self.rng.choice([f"m{self.count}"] * 8 + ["user", "1a", "a b", ""])
+
+    def attrs(self, tag: str) -> tuple[str, str | None]:
+        out, name = [], None
+        if tag in ("module", "parameter") and self.rng.random() < 0.95:
+            name = self.name()
+            out.append(f'name="{name}"')
+        if tag == "parameter" and self.rng.random() < 0.95:
+            out.append(f'length="{self.rng.choice(self.VALUES["length"])}"')
+        for attr in self.OPTIONAL.get(tag, []) + ["size"]:
+            if attr != "scaffold" and self.rng.random() < (0.03 if attr == "size" else 0.12):
+                out.append(f'{attr}="{self.rng.choice(self.VALUES[attr])}"')
+        if tag == "parameter" and self.rng.random() < 0.2:
+            out.append('scaffold="a &lt; b"')
+        return " ".join(out), name
+
+    def element(self, depth: int) -> tuple[str, str | None]:
+        tag = self.rng.choice(self.TAGS)
+        attrs, name = self.attrs(tag)
+        kids = [self.child(depth + 1) for _ in range(self.rng.choice([0, 1, 1, 2, 3]))]
+        if tag == "union" and self.rng.random() < 0.5:
+            members = [n for _, n in kids if n]
+            attrs += f' scaffold="{self.rng.choice(members[:1] * 3 + ["zz", "a b"])}"'
+        if tag in ("parameter", "module") and self.rng.random() < 0.6:
+            kids = []
+        body = "".join(k for k, _ in kids)
+        return f"<{tag} {attrs}>{body}</{tag}>", name if tag == "module" else None
+
+    def child(self, depth: int) -> tuple[str, str | None]:
+        if depth > 4 or self.rng.random() < 0.3:
+            return self.rng.choice(["", " ", "hi", "\n  "]), None
+        return self.element(depth)
+
+    def document(self) -> str:
+        name = self.rng.choice(["t"] * 8 + [" t", ""])
+        body = "".join(self.child(1)[0] for _ in range(self.rng.choice([1, 2, 3])))
+        return f'<schema{XI} name="{name}">{body}</schema>'
+
+
+def prompt_document(rng: random.Random) -> str:
+    def selection(depth: int) -> str:
+        tag = rng.choice(["a", "b", "c.d", "a", "module", "user", "xi:include"])
+        args = "".join(f' {k}="v"' for k in rng.sample(["x", "y", "xml:lang"], rng.choice([0, 0, 1, 2])))
+        kids = "".join(selection(depth + 1) for _ in range(rng.choice([0, 0, 1, 2]))) if depth < 3 else ""
+        text = rng.choice([""] * 6 + ["oops"])
+        return f"<{tag}{args}>{text}{kids}</{tag}>"
+
+    def tail_item() -> str:
+        role = rng.choice(["user", "system", "assistant"])
+        attr = rng.choice([""] * 6 + [' xml:space="preserve"', ' who="me"', ' xml:space="x"'])
+        return rng.choice(["hello ", f"<{role}{attr}>hi</{role}>", f"<{role}>a <b/></{role}>"])
+
+    items = [selection(1) for _ in range(rng.choice([0, 1, 2]))] + [tail_item() for _ in range(rng.choice([0, 1, 2]))]
+    if rng.random() < 0.15:
+        items.append(selection(1))  # a selection after the tail
+    return f'<prompt{XI} schema="{rng.choice(["t"] * 8 + [""])}">{"".join(items)}</prompt>'
+
+
+def verdicts(xml: str, parse, **kwargs) -> tuple[bool, str | None]:
+    grammar_ok = xmlsafe.grammar().validate(etree.fromstring(xml.encode()))
+    try:
+        parse(xml, **kwargs)
+        return grammar_ok, None
+    except SchemaError as e:
+        return grammar_ok, e.message
+
+
+def test_grammar_and_checker_agree_on_random_schemas(tmp_path):
+    (tmp_path / "f.txt").write_text("file text", encoding="utf-8")
+    docs, accepted, refused_by_both = SchemaDocs(seed=1234), 0, 0
+    for _ in range(600):
+        xml = docs.document()
+        grammar_ok, problem = verdicts(xml, parse_schema, base_dir=tmp_path)
+        if grammar_ok:
+            assert problem is None or any(p in problem for p in BEYOND_GRAMMAR), (xml, problem)
+        else:
+            assert problem is not None, f"the checker accepts what the grammar refuses: {xml}"
+        accepted += problem is None
+        refused_by_both += not grammar_ok
+    assert accepted >= 100 and refused_by_both >= 100  # both sides of the comparison were exercised
+
+
+def test_grammar_and_checker_agree_on_random_prompts():
+    rng, accepted, refused_by_both = random.Random(99), 0, 0
+    for _ in range(600):
+        xml = prompt_document(rng)
+        grammar_ok, problem = verdicts(xml, parse_prompt)
+        assert grammar_ok == (problem is None), (xml, problem)
+        accepted += grammar_ok
+        refused_by_both += not grammar_ok
+    assert accepted >= 60 and refused_by_both >= 60
+
+
+# ---- work grows linearly with the input ------------------------------------------------------
+
+def interpreter_steps(fn) -> int:
+    """Python bytecodes executed plus C functions called while `fn()` runs (a work count, not a time)."""
+    count = 0
+
+    def trace(frame, event, arg):
+        nonlocal count
+        frame.f_trace_opcodes = True
+        count += 1
+        return trace
+
+    def profile(frame, event, arg):
+        nonlocal count
+        count += event == "c_call"
+
+    sys.settrace(trace)
+    sys.setprofile(profile)
+    try:
+        fn()
+    finally:
+        sys.settrace(None)
+        sys.setprofile(None)
+    return count
+
+
+def sibling_schema(n: int) -> str:
+    body = "".join(f'<module name="m{i}">Doc {i} <parameter name="p" length="2"/><user>hi</user></module>'
+                   f'<union><module name="u{i}"/><module name="v{i}">x</module></union>\n' for i in range(n))
+    members = "".join(f'<module name="w{i}"/>' for i in range(n))
+    return f'<schema name="t">{body}<union scaffold="w0">{members}</union></schema>'
+
+
+def sibling_prompt(n: int) -> str:
+    sels = "".join(f'<m{i} p="v"><u{i}/></m{i}>' for i in range(n))
+    return f'<prompt schema="t">{sels}{"<user>hi</user> and " * n}</prompt>'
+
+
+def assert_linear(work) -> None:
+    small, double, quadruple = (work(n) for n in (60, 120, 240))
+    # Differences cancel fixed costs: linear work doubles them, quadratic work quadruples them.
+    assert quadruple - double <= 2.3 * (double - small), (small, double, quadruple)
+
+
+@pytest.mark.parametrize("work", [
+    lambda n: interpreter_steps(lambda: parse_schema(sibling_schema(n))),
+    lambda n: interpreter_steps(lambda: parse_prompt(sibling_prompt(n))),
+    lambda n: interpreter_steps(lambda: check_schema(Schema("t", tuple(M(f"m{i}", (Text("x"),)) for i in range(n))))),
+], ids=["parse_schema", "parse_prompt", "check_schema"])
+def test_work_is_linear_in_the_number_of_siblings(work):
+    assert_linear(work)
+
+
+def test_parsing_never_runs_the_quadratic_grammar_validator(monkeypatch):
+    monkeypatch.setattr(xmlsafe, "grammar", lambda: pytest.fail("the RELAX NG validator ran"))
+    assert parse_schema(sibling_schema(3)) and parse_prompt(sibling_prompt(3))
