@@ -13,7 +13,7 @@ REQUESTS = [
     ALL_DOCS_PROMPT,
     LONG,  # a big block first ...
     "Tell me about the hotel.",  # ... then a short request reuses it over stale states
-    '<prompt schema="docs"><notes/>What is the answer?</prompt>',  # skips modules: a position mask
+    '<prompt schema="docs"><notes/>What is the answer?</prompt>',  # skips modules: a position gap
     [{"role": "user", "content": "Plan a trip to the city."}],
     LONG[:120],  # a prefix of an earlier prompt: spliced from the prefix tree
     ALL_DOCS_PROMPT,
