@@ -9,18 +9,16 @@ from __future__ import annotations
 import json
 import logging
 import os
-import threading
 import time
 from collections.abc import Callable, Mapping
-from pathlib import Path
 
 from promptcache.errors import PromptCacheError, StoreError
 from promptcache.kv.disk import sha256_json
-from promptcache.kv.files import atomic_write, check_key
+from promptcache.kv.files import FileStore, check_key
 
 logger = logging.getLogger(__name__)
 
-VERSION = 1
+VERSION = 2  # 2: entries carry a sha256
 SUFFIX = ".json"
 
 
@@ -56,74 +54,98 @@ def is_deterministic(params: Mapping[str, object]) -> bool:
 
 
 class ResponseCache:
-    """Completion payloads on disk under `root`, one JSON file per `request_key`. Thread-safe.
+    """Completion payloads on disk under `root`, one JSON file per key. Thread-safe.
+
+    An entry is `{"version", "key", "created", "payload", "sha256"}`, the hash over the canonical JSON of
+    the rest: a corrupt or hand-edited entry, one of another version or key, or one `created` in the
+    future (a clock set back, or an edit meant to make it immortal) is a miss, and its file is removed.
+    Only regular files are read (see `kv.files`). A failed `put` is logged and counted, never raised.
 
     Args:
-        root: directory of the cache (created if missing).
+        root: directory of the cache (created if missing); the engine's `response_cache_dir`.
         ttl_s: seconds after `put` when an entry expires, or None for never.
         clock: wall-clock seconds (injectable for tests); wall time because entries outlive the process.
+
+    Raises:
+        StoreError: a bad `ttl_s`, or `root` is empty or cannot be used as a directory.
     """
 
     def __init__(self, root: str | os.PathLike, ttl_s: float | None = None,
                  clock: Callable[[], float] = time.time):
         if ttl_s is not None and ttl_s <= 0:
             raise StoreError(f"ttl_s must be > 0 or None, got {ttl_s!r}")
-        self.root = Path(root)
+        self._files = FileStore(root, SUFFIX, argument="response_cache_dir")
+        self.root = self._files.root
         self.ttl_s = ttl_s
         self._clock = clock
-        self._lock = threading.RLock()
-        try:
-            self.root.mkdir(parents=True, exist_ok=True)
-        except OSError as e:
-            raise StoreError(f"cannot use {self.root} as a cache directory: {e}") from e
 
     def get(self, key: str) -> dict | None:
-        """The payload stored under `key`; None when absent, expired or corrupt (those files are removed)."""
-        path = self._path(key)
-        with self._lock:
+        """The payload stored under `key`; None when absent, expired or bad (those files are removed)."""
+        f = self._files.open(key)
+        if f is None:
+            return None
+        with f:
             try:
-                record = json.loads(path.read_text(encoding="utf-8"))
-                payload, created = _unpack(record, key)
-            except FileNotFoundError:
-                return None
+                payload, created = _unpack(json.loads(f.read().decode("utf-8")), key)
             except Exception as e:  # noqa: BLE001 - a bad file is a miss, never a crash
-                logger.warning("discarding corrupt response cache file %s: %s", path, e)
-                path.unlink(missing_ok=True)
+                self._files.discard(key, f, f"corrupt response cache entry: {e}")
                 return None
-            if self.ttl_s is not None and self._clock() - created > self.ttl_s:
-                path.unlink(missing_ok=True)
+            age = self._clock() - created
+            if age < 0:
+                self._files.discard(key, f, f"entry created {-age:.0f} s in the future")
                 return None
-            return payload
+            if self.ttl_s is not None and age > self.ttl_s:
+                self._files.discard(key, f, "expired")
+                return None
+        return payload
 
-    def put(self, key: str, payload: dict) -> None:
-        """Store `payload` (JSON-serialisable) under `key`, atomically replacing any previous entry."""
-        path = self._path(key)
+    def put(self, key: str, payload: dict) -> bool:
+        """Store `payload` (JSON-serialisable) under `key`, atomically replacing any previous entry.
+
+        Returns:
+            True when stored; False when it could not be (not JSON-serialisable, full or read-only disk),
+            logged and counted in `write_failures`: the answer being served is never lost to the cache.
+
+        Raises:
+            StoreError: a malformed key.
+        """
+        check_key(key)
         record = {"version": VERSION, "key": key, "created": self._clock(), "payload": payload}
         try:
+            record["sha256"] = sha256_json(record)
             data = json.dumps(record, ensure_ascii=False, allow_nan=False).encode("utf-8")
-        except (TypeError, ValueError) as e:
-            raise PromptCacheError(f"response payload is not JSON-serialisable: {e}") from e
-        with self._lock:
-            atomic_write(path, data)
+        except (PromptCacheError, TypeError, ValueError) as e:  # UnicodeEncodeError is a ValueError
+            self._files.write_failed(key, f"the payload is not JSON-serialisable: {e}")
+            return False
+        return self._files.write(key, data)
 
     def delete(self, key: str) -> bool:
         """Remove `key`'s entry; returns whether there was one."""
-        path = self._path(key)
-        with self._lock:
-            existed = path.exists()
-            path.unlink(missing_ok=True)
-            return existed
+        return self._files.delete(key)
 
-    def _path(self, key: str) -> Path:
-        check_key(key)
-        return self.root / key[:2] / (key + SUFFIX)
+    def __contains__(self, key: object) -> bool:
+        """Whether a file exists for `key` (unverified: `get` may still find it bad or expired)."""
+        return key in self._files
+
+    @property
+    def write_failures(self) -> int:
+        """Entries that could not be stored since this cache was opened."""
+        return self._files.write_failures
+
+    @property
+    def read_failures(self) -> int:
+        """Entries found corrupt, in the future, or not regular files, since this cache was opened."""
+        return self._files.read_failures
 
 
 def _unpack(record: object, key: str) -> tuple[dict, float]:
     if not isinstance(record, dict) or record.get("version") != VERSION or record.get("key") != key:
         raise StoreError("not a response cache record for this key")
+    digest = record.pop("sha256", None)
+    if digest != sha256_json(record):
+        raise StoreError("checksum mismatch")
     payload, created = record.get("payload"), record.get("created")
-    if not isinstance(payload, dict) or not isinstance(created, (int, float)):
+    if not isinstance(payload, dict) or isinstance(created, bool) or not isinstance(created, (int, float)):
         raise StoreError("malformed response cache record")
     return payload, float(created)
 

@@ -1,13 +1,18 @@
-"""Response cache: request keys, determinism, atomic JSON entries, corruption and TTL."""
+"""Response cache: request keys, determinism, atomic JSON entries, integrity, odd files, failures, TTL."""
 
 from __future__ import annotations
 
+import errno
+import json
 import os
 
 import pytest
 
 from promptcache.errors import PromptCacheError, StoreError
+from promptcache.kv.disk import sha256_json
 from promptcache.response_cache import ResponseCache, is_deterministic, request_key
+
+from .kv.helpers import finishes
 
 PARAMS = {"temperature": 0, "max_new_tokens": 32}
 
@@ -127,7 +132,137 @@ def test_bad_input(tmp_path):
     cache = ResponseCache(tmp_path)
     with pytest.raises(StoreError):
         cache.get("../etc/passwd")
-    with pytest.raises(PromptCacheError):
-        cache.put(key(), {"x": object()})
+    with pytest.raises(StoreError):
+        cache.put("../etc/passwd", {"text": "x"})
     with pytest.raises(StoreError):
         ResponseCache(tmp_path, ttl_s=0)
+
+
+@pytest.mark.parametrize("payload", [{"x": object()}, {"x": float("nan")}, {"text": "\ud800"}])
+def test_unserialisable_payload_is_not_stored_and_not_raised(tmp_path, payload, caplog):
+    cache = ResponseCache(tmp_path)
+    assert cache.put(key(), payload) is False
+    assert cache.write_failures == 1 and "not JSON-serialisable" in caplog.text
+    assert cache.get(key()) is None and list(tmp_path.iterdir()) == []
+
+
+def entry_path(cache: ResponseCache, k: str):
+    return cache.root / k[:2] / (k + ".json")
+
+
+def edit(path, change) -> None:
+    record = json.loads(path.read_text(encoding="utf-8"))
+    change(record)
+    path.write_text(json.dumps(record), encoding="utf-8")
+
+
+EDITS = {
+    "text": lambda r: r["payload"].update(text="a wrong answer"),
+    "token_ids": lambda r: r["payload"].update(token_ids=[9, 9]),
+    "payload_type": lambda r: r.update(payload=["not", "a", "dict"]),
+    "created_older": lambda r: r.update(created=r["created"] - 10),
+    "created_string": lambda r: r.update(created="1000"),
+    "created_bool": lambda r: r.update(created=True),
+    "no_hash": lambda r: r.pop("sha256"),
+    "hash_type": lambda r: r.update(sha256=[1, 2]),
+    "version": lambda r: r.update(version=1),
+    "key": lambda r: r.update(key="0" * 64),
+}
+
+
+@pytest.mark.parametrize("change", EDITS.values(), ids=EDITS.keys())
+def test_hand_edited_entry_is_a_miss_and_removed(tmp_path, change, caplog):
+    cache = ResponseCache(tmp_path)
+    k = key()
+    assert cache.put(k, {"text": "the answer", "token_ids": [1, 2], "usage": {"output_tokens": 2}})
+    edit(entry_path(cache, k), change)
+    assert cache.get(k) is None
+    assert not entry_path(cache, k).exists() and cache.read_failures == 1 and "corrupt" in caplog.text
+
+
+@pytest.mark.parametrize("change", [EDITS["payload_type"], EDITS["created_string"], EDITS["created_bool"]],
+                         ids=["payload_type", "created_string", "created_bool"])
+def test_well_hashed_but_malformed_entry_is_a_miss(tmp_path, change):
+    cache = ResponseCache(tmp_path)
+    k = key()
+    cache.put(k, {"text": "the answer"})
+
+    def forge(record):  # the edit, with its hash recomputed
+        change(record)
+        record.pop("sha256")
+        record["sha256"] = sha256_json(record)
+
+    edit(entry_path(cache, k), forge)
+    assert cache.get(k) is None and cache.read_failures == 1
+
+
+@pytest.mark.parametrize("ttl_s", [None, 60])
+def test_entry_created_in_the_future_is_a_miss(tmp_path, ttl_s):
+    clock = FakeClock()
+    k = key()
+    clock.now += 3600  # written by a clock an hour ahead (or edited, with a recomputed hash)
+    assert ResponseCache(tmp_path, ttl_s=ttl_s, clock=clock).put(k, {"text": "from the future"})
+    clock.now -= 3600
+    cache = ResponseCache(tmp_path, ttl_s=ttl_s, clock=clock)
+    assert cache.get(k) is None and k not in cache and cache.read_failures == 1
+
+
+def test_write_at_the_same_time_is_not_the_future(tmp_path):
+    clock = FakeClock()
+    cache = ResponseCache(tmp_path, clock=clock)
+    cache.put(key(), {"text": "now"})
+    assert cache.get(key()) == {"text": "now"}
+
+
+def _fifo(path):
+    os.mkfifo(path)
+
+
+def _directory(path):
+    path.mkdir()
+    (path / "x").write_text("x")
+
+
+@pytest.mark.parametrize("make", [_fifo, _directory], ids=["fifo", "directory"])
+def test_odd_file_at_the_key_path_is_a_miss_that_never_blocks(tmp_path, make):
+    cache = ResponseCache(tmp_path)
+    path = entry_path(cache, key())
+    path.parent.mkdir()
+    make(path)
+    try:
+        assert finishes(lambda: cache.get(key())) is None
+    finally:
+        if path.is_fifo():  # unblock a reader stuck in open() so that a regression fails, not hangs
+            try:
+                os.close(os.open(path, os.O_WRONLY | os.O_NONBLOCK))
+            except OSError:
+                pass
+    assert cache.read_failures == 1 and os.path.lexists(path)
+    if make is _directory:
+        assert cache.put(key(), {"text": "x"}) is False and cache.write_failures == 1
+        assert not cache.delete(key()) and path.is_dir()
+    else:
+        assert finishes(lambda: cache.put(key(), {"text": "x"})) is True
+        assert cache.get(key()) == {"text": "x"}
+
+
+@pytest.mark.parametrize("error", [errno.ENOSPC, errno.EROFS])
+def test_full_or_read_only_disk_is_logged_counted_and_not_raised(tmp_path, monkeypatch, caplog, error):
+    cache = ResponseCache(tmp_path)
+    k = key()
+    cache.put(k, {"text": "old"})
+
+    def fail(*args, **kwargs):
+        raise OSError(error, os.strerror(error))
+
+    monkeypatch.setattr(os, "replace", fail)
+    assert cache.put(k, {"text": "new"}) is False
+    monkeypatch.undo()
+    assert cache.write_failures == 1 and os.strerror(error) in caplog.text
+    assert cache.get(k) == {"text": "old"}
+
+
+@pytest.mark.parametrize("root", ["", " "])
+def test_empty_response_cache_dir_is_refused(root):
+    with pytest.raises(StoreError, match="response_cache_dir"):
+        ResponseCache(root)

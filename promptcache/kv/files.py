@@ -137,10 +137,14 @@ class FileStore:
                 atomic_write(path, data)
             return True
         except OSError as e:
-            with self._lock:
-                self.write_failures += 1
-            logger.warning("could not write %s in %s (served without it): %s", path, self.argument, e)
+            self.write_failed(key, str(e))
             return False
+
+    def write_failed(self, key: str, reason: str) -> None:
+        """Count (in `write_failures`) and log a write of `key` that did not happen, for `reason`."""
+        with self._lock:
+            self.write_failures += 1
+        logger.warning("could not write %s in %s (served without it): %s", self.path(key), self.argument, reason)
 
     def discard(self, key: str, f: BinaryIO, reason: str) -> None:
         """Delete `key`'s file read as `f` because it is bad (logged, counted), unless it was replaced since."""
