@@ -68,6 +68,26 @@ def bench_prompt(tokenizer, context: int, name: str) -> tuple[str, str]:
     return schema, f'<prompt schema="{name}"><doc/>{QUESTION}</prompt>'
 
 
+def ready_cache(engine, parts, kind: str, capacity: int):
+    """A transformers cache (`StaticCache` of `capacity` slots, or `DynamicCache`) holding `parts`."""
+    from transformers.cache_utils import DynamicCache, StaticCache
+
+    n = sum(len(p) for p in parts)
+    cache = StaticCache(config=engine.model.config, max_cache_len=capacity) if kind == "static" else DynamicCache()
+    for i in range(parts[0].num_layers):
+        keys = torch.cat([p.keys[i] for p in parts], dim=2).to(engine.device)
+        values = torch.cat([p.values[i] for p in parts], dim=2).to(engine.device)
+        if kind == "static":
+            layer = cache.layers[i]
+            layer.lazy_initialization(keys, values)
+            layer.keys[:, :, :n].copy_(keys)
+            layer.values[:, :, :n].copy_(values)
+            layer.cumulative_length.fill_(n)
+        else:
+            cache.update(keys, values, i)
+    return cache
+
+
 def ideal_setup(engine, prompt: str, kind: str = "static"):
     """(run, reset, out, plan): a bare model forward over the prompt's new tokens with a ready cache.
 
@@ -76,29 +96,13 @@ def ideal_setup(engine, prompt: str, kind: str = "static"):
     O(context) work outside attention): the floor for any prefix cache. kind="dynamic": a ready
     `DynamicCache`, transformers' default, whose update concatenates (copies) the whole context.
     """
-    from transformers.cache_utils import DynamicCache, StaticCache
-
     request = engine.plan(prompt)
     plan = request.tokens
     assert plan.positions == tuple(range(len(plan.token_ids))), "bench prompts select every module in order"
     parts = engine.modules.checkout(request.schema, plan.cached).states
     n_cached = sum(len(p) for p in parts)
     assert n_cached == plan.cached_token_count and plan.new_positions[0] == n_cached
-    if kind == "static":
-        cache = StaticCache(config=engine.model.config, max_cache_len=n_cached + len(plan.new_token_ids))
-    else:
-        cache = DynamicCache()
-    for i in range(parts[0].num_layers):
-        keys = torch.cat([p.keys[i] for p in parts], dim=2).to(engine.device)
-        values = torch.cat([p.values[i] for p in parts], dim=2).to(engine.device)
-        if kind == "static":
-            layer = cache.layers[i]
-            layer.lazy_initialization(keys, values)
-            layer.keys[:, :, :n_cached].copy_(keys)
-            layer.values[:, :, :n_cached].copy_(values)
-            layer.cumulative_length.fill_(n_cached)
-        else:
-            cache.update(keys, values, i)
+    cache = ready_cache(engine, parts, kind, n_cached + len(plan.new_token_ids))
     ids = torch.tensor([plan.new_token_ids], dtype=torch.long, device=engine.device)
     pos = torch.tensor([plan.new_positions], dtype=torch.long, device=engine.device)
     out = {}
