@@ -24,6 +24,8 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 if str(REPO_ROOT) not in sys.path:  # run as `python benchmarks/x.py` from anywhere
     sys.path.insert(0, str(REPO_ROOT))
 
+from promptcache.errors import PromptCacheError  # noqa: E402
+from promptcache.models import load  # noqa: E402
 from promptcache.testing import ARCHS  # noqa: E402
 
 BUILTIN = ARCHS  # llama, falcon, mpt, mistral, qwen2: random-weight bench shapes
@@ -122,20 +124,19 @@ def versions() -> dict[str, str]:
 
 
 def resolve_device(name: str) -> torch.device:
-    if name not in ("cpu", "cuda") and not name.startswith("cuda:"):
-        raise SystemExit(f"--device must be cpu or cuda, got {name!r}")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise SystemExit("--device cuda requested but torch.cuda.is_available() is False")
-    return torch.device(name)
+    """`promptcache.models.load.resolve_device`, its error as a one-line exit."""
+    try:
+        return load.resolve_device(name)
+    except PromptCacheError as e:
+        raise SystemExit(f"--device: {e}") from None
 
 
 def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
-    if name == "auto":
-        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    """`promptcache.models.load.resolve_dtype`; "auto" is bfloat16 off the CPU (random weights have no dtype)."""
     try:
-        return {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}[name]
-    except KeyError:
-        raise SystemExit(f"--dtype must be auto, float32, float16 or bfloat16, got {name!r}") from None
+        return load.resolve_dtype(name, device, auto=torch.bfloat16)
+    except PromptCacheError as e:
+        raise SystemExit(f"--dtype: {e}") from None
 
 
 # ---- models ---------------------------------------------------------------------------------------

@@ -40,6 +40,10 @@ from promptcache.errors import PromptCacheError
 ARCHS: tuple[str, ...] = ("llama", "falcon", "mpt", "mistral", "qwen2")
 
 VOCAB_SIZE = 1000
+# The context window of tiny models: every shipped example in schemas/ fits with room to answer
+# (the longest, codegen, lays out to ~7.4k positions under the tiny tokenizer). RoPE and ALiBi are
+# computed per forward, so a long window costs nothing until it is used.
+MAX_POSITIONS = 16384
 
 _WORDS = (
     "the a of to and in is it you that he was for on are with as I his they be at one have this from or had"
@@ -140,8 +144,17 @@ def _config(arch: str, tok: PreTrainedTokenizerBase, hidden_size: int, num_layer
     return config_class(**{**common, **kwargs, **overrides})
 
 
+def tiny_config(arch: str = "llama", tokenizer: PreTrainedTokenizerBase | None = None, *, hidden_size: int = 64,
+                num_layers: int = 2, num_heads: int | None = None, max_positions: int = MAX_POSITIONS,
+                **config_overrides: Any) -> PreTrainedConfig:
+    """The config `tiny_model` builds its model from (same arguments), e.g. to lay out a schema without weights."""
+    tok = tiny_tokenizer() if tokenizer is None else tokenizer
+    heads = _default_heads(hidden_size) if num_heads is None else num_heads
+    return _config(arch, tok, hidden_size, num_layers, heads, max_positions, config_overrides)
+
+
 def tiny_model(arch: str = "llama", *, seed: int = 0, hidden_size: int = 64, num_layers: int = 2,
-               num_heads: int | None = None, max_positions: int = 4096, dtype: torch.dtype = torch.float32,
+               num_heads: int | None = None, max_positions: int = MAX_POSITIONS, dtype: torch.dtype = torch.float32,
                **config_overrides: Any) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     """Build a randomly initialised causal LM of the given family, in eval mode, and its tokenizer.
 
@@ -157,7 +170,7 @@ def tiny_model(arch: str = "llama", *, seed: int = 0, hidden_size: int = 64, num
         hidden_size: model width.
         num_layers: decoder layers.
         num_heads: attention heads; None for the default above.
-        max_positions: maximum sequence length (RoPE table size, or MPT's ALiBi length).
+        max_positions: the context window (`max_position_embeddings`, MPT's `max_seq_len`).
         dtype: parameter dtype.
         **config_overrides: passed to the config class last, overriding anything above.
 
@@ -168,8 +181,8 @@ def tiny_model(arch: str = "llama", *, seed: int = 0, hidden_size: int = 64, num
         PromptCacheError: `arch` is not one of `ARCHS`.
     """
     tok = tiny_tokenizer()
-    heads = _default_heads(hidden_size) if num_heads is None else num_heads
-    config = _config(arch, tok, hidden_size, num_layers, heads, max_positions, config_overrides)
+    config = tiny_config(arch, tok, hidden_size=hidden_size, num_layers=num_layers, num_heads=num_heads,
+                         max_positions=max_positions, **config_overrides)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         model = AutoModelForCausalLM.from_config(config)
