@@ -29,6 +29,7 @@ from ..kv.states import KVStates
 from ..kv.store import ModuleStore
 from ..markup.bind import bind
 from ..markup.chat import ChatFormat, chat_format_for
+from ..markup.check import check_prompt
 from ..markup.layout import SchemaLayout, leading_bos
 from ..markup.nodes import Prompt, Schema
 from ..markup.parse import is_pml, parse_prompt
@@ -162,6 +163,8 @@ class Engine:
             raise PromptError(f"namespace must be a string, got {type(namespace).__name__}")
         if isinstance(prompt, str) and is_pml(prompt):
             prompt = parse_prompt(prompt)
+        elif isinstance(prompt, Prompt):
+            check_prompt(prompt)  # parse_prompt checked text already; objects get the same rules
         if isinstance(prompt, Prompt):
             version = self.modules.current(prompt.schema)
             tokens = bind(prompt, version.layout, self.tokenizer)

@@ -19,6 +19,7 @@ from ..errors import PromptError
 from ..kv.disk import DiskStore, states_key
 from ..kv.states import KVStates
 from ..kv.store import ModuleStore
+from ..markup.check import check_schema
 from ..markup.layout import SchemaLayout, compile_schema
 from ..markup.nodes import Schema
 from ..markup.parse import parse_schema
@@ -90,7 +91,9 @@ class ModuleRegistry:
 
         Atomic: when loading or encoding fails, the previous version stays current, untouched.
         """
-        if not isinstance(schema, Schema):
+        if isinstance(schema, Schema):
+            check_schema(schema)  # the same rules, in the same words, as PML text gets
+        else:
             schema = parse_schema(schema, base_dir=base_dir)
         layout = compile_schema(schema, self.tokenizer, self.chat_format)
         if layout.length > self.adapter.max_positions:

@@ -112,3 +112,21 @@ def test_generation_stops_at_the_end_of_the_context_window(small):
     assert 0 < room < 40
     out = small.generate(prompt, max_new_tokens=40, ignore_eos=True)
     assert out.finish_reason == "length" and out.usage.output_tokens == room
+
+
+@pytest.mark.parametrize("bad", [
+    pc.Schema("s", (pc.Module("a", (pc.Text("one"),)), pc.Module("a", (pc.Text("two"),)))),  # same name twice
+    pc.Schema("s", (pc.Module("a/b", (pc.Text("one"),)),)),  # not a name
+    pc.Schema("s", (pc.Module("a", (pc.Param("n", -3),)),)),  # negative length
+])
+def test_schema_objects_get_the_rules_pml_text_gets(engine, bad):
+    with pytest.raises(pc.PromptCacheError):
+        engine.add_schema(bad)
+    assert "s" not in engine.schemas
+
+
+def test_prompt_objects_get_the_rules_pml_text_gets(engine):
+    engine.add_schema(DOCS)
+    twice = pc.Prompt("docs", (pc.Selection("intro"), pc.Selection("intro")))
+    with pytest.raises(pc.PromptCacheError, match="intro"):
+        engine.generate(twice, max_new_tokens=1)
