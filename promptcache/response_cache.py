@@ -14,7 +14,7 @@ from collections.abc import Callable, Mapping
 
 from promptcache.errors import PromptCacheError, StoreError
 from promptcache.kv.disk import sha256_json
-from promptcache.kv.files import FileStore, check_key
+from promptcache.kv.files import FileBacked, FileStore, check_key
 
 logger = logging.getLogger(__name__)
 
@@ -53,8 +53,10 @@ def is_deterministic(params: Mapping[str, object]) -> bool:
     return temperature is None or float(temperature) == 0.0 or params.get("top_k") == 1
 
 
-class ResponseCache:
+class ResponseCache(FileBacked):
     """Completion payloads on disk under `root`, one JSON file per key. Thread-safe.
+
+    `path`, `delete`, `in`, `keys`, `nbytes`, `write_failures` and `read_failures` come from `FileBacked`.
 
     An entry is `{"version", "key", "created", "payload", "sha256"}`, the hash over the canonical JSON of
     the rest: a corrupt or hand-edited entry, one of another version or key, or one `created` in the
@@ -74,28 +76,27 @@ class ResponseCache:
                  clock: Callable[[], float] = time.time):
         if ttl_s is not None and ttl_s <= 0:
             raise StoreError(f"ttl_s must be > 0 or None, got {ttl_s!r}")
-        self._files = FileStore(root, SUFFIX, argument="response_cache_dir")
-        self.root = self._files.root
+        self.files = FileStore(root, SUFFIX, argument="response_cache_dir")
         self.ttl_s = ttl_s
         self._clock = clock
 
     def get(self, key: str) -> dict | None:
         """The payload stored under `key`; None when absent, expired or bad (those files are removed)."""
-        f = self._files.open(key)
+        f = self.files.open(key)
         if f is None:
             return None
         with f:
             try:
                 payload, created = _unpack(json.loads(f.read().decode("utf-8")), key)
             except Exception as e:  # noqa: BLE001 - a bad file is a miss, never a crash
-                self._files.discard(key, f, f"corrupt response cache entry: {e}")
+                self.files.discard(key, f, f"corrupt response cache entry: {e}")
                 return None
             age = self._clock() - created
             if age < 0:
-                self._files.discard(key, f, f"entry created {-age:.0f} s in the future")
+                self.files.discard(key, f, f"entry created {-age:.0f} s in the future")
                 return None
             if self.ttl_s is not None and age > self.ttl_s:
-                self._files.discard(key, f, "expired")
+                self.files.discard(key, f, "expired")
                 return None
         return payload
 
@@ -115,27 +116,9 @@ class ResponseCache:
             record["sha256"] = sha256_json(record)
             data = json.dumps(record, ensure_ascii=False, allow_nan=False).encode("utf-8")
         except (PromptCacheError, TypeError, ValueError) as e:  # UnicodeEncodeError is a ValueError
-            self._files.write_failed(key, f"the payload is not JSON-serialisable: {e}")
+            self.files.write_failed(key, f"the payload is not JSON-serialisable: {e}")
             return False
-        return self._files.write(key, data)
-
-    def delete(self, key: str) -> bool:
-        """Remove `key`'s entry; returns whether there was one."""
-        return self._files.delete(key)
-
-    def __contains__(self, key: object) -> bool:
-        """Whether a file exists for `key` (unverified: `get` may still find it bad or expired)."""
-        return key in self._files
-
-    @property
-    def write_failures(self) -> int:
-        """Entries that could not be stored since this cache was opened."""
-        return self._files.write_failures
-
-    @property
-    def read_failures(self) -> int:
-        """Entries found corrupt, in the future, or not regular files, since this cache was opened."""
-        return self._files.read_failures
+        return self.files.write(key, data)
 
 
 def _unpack(record: object, key: str) -> tuple[dict, float]:

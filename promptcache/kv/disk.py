@@ -19,14 +19,13 @@ import logging
 import math
 import os
 from collections.abc import Mapping
-from pathlib import Path
 from typing import BinaryIO
 
 import torch
 from safetensors.torch import save as safetensors_save
 
 from promptcache.errors import PromptCacheError, StoreError
-from promptcache.kv.files import FileStore, check_key
+from promptcache.kv.files import FileBacked, FileStore, check_key
 from promptcache.kv.states import KVStates
 
 logger = logging.getLogger(__name__)
@@ -68,8 +67,10 @@ def sha256_json(obj: object) -> str:
     return hashlib.sha256(text.encode("utf-8")).hexdigest()
 
 
-class DiskStore:
+class DiskStore(FileBacked):
     """`KVStates` on disk under `root`, keyed by `states_key` hex keys. Thread-safe.
+
+    `path`, `delete`, `in`, `keys`, `nbytes`, `write_failures` and `read_failures` come from `FileBacked`.
 
     Args:
         root: directory of the store (created if missing); the engine's `store_dir`.
@@ -79,12 +80,7 @@ class DiskStore:
     """
 
     def __init__(self, root: str | os.PathLike):
-        self._files = FileStore(root, SUFFIX, argument="store_dir")
-        self.root = self._files.root
-
-    def path(self, key: str) -> Path:
-        """Where `key`'s file lives (whether or not it exists)."""
-        return self._files.path(key)
+        self.files = FileStore(root, SUFFIX, argument="store_dir")
 
     def save(self, key: str, states: KVStates, meta: Mapping[str, str] | None = None) -> bool:
         """Write `states` under `key` atomically, replacing any previous file.
@@ -103,7 +99,7 @@ class DiskStore:
         header = {"format": FORMAT, "version": VERSION, "key": key, "num_layers": str(states.num_layers),
                   "meta": json.dumps(meta, sort_keys=True)}
         header["checksum"] = _checksum(tensors, header)
-        return self._files.write(key, safetensors_save(tensors, metadata=header))
+        return self.files.write(key, safetensors_save(tensors, metadata=header))
 
     def load(self, key: str, device: torch.device | str = "cpu") -> KVStates | None:
         """The states saved under `key`, in memory this process owns, or None when absent or unreadable.
@@ -111,20 +107,20 @@ class DiskStore:
         A corrupt file is deleted (logged, counted in `read_failures`); anything but a regular file at
         the key's path is left alone and is a miss too.
         """
-        f = self._files.open(key)
+        f = self.files.open(key)
         if f is None:
             return None
         with f:
             try:
                 states = _read(f, key)
             except Exception as e:  # noqa: BLE001 - any failure means "re-encode", never a crash
-                self._files.discard(key, f, f"corrupt KV file: {e}")
+                self.files.discard(key, f, f"corrupt KV file: {e}")
                 return None
         return states if torch.device(device).type == "cpu" else states.to(device)
 
     def meta(self, key: str) -> dict[str, str] | None:
         """The caller's meta saved with `key` (unverified header read), or None when absent or unreadable."""
-        f = self._files.open(key)
+        f = self.files.open(key)
         if f is None:
             return None
         with f:
@@ -132,31 +128,6 @@ class DiskStore:
                 return json.loads(_read_header(f)[0]["meta"])
             except Exception:  # noqa: BLE001 - load() does the full verification and cleanup
                 return None
-
-    def __contains__(self, key: object) -> bool:
-        return key in self._files
-
-    def delete(self, key: str) -> bool:
-        """Remove `key`'s file; returns whether there was one."""
-        return self._files.delete(key)
-
-    def keys(self) -> list[str]:
-        """All stored keys, sorted (stale temp files from killed writers are ignored)."""
-        return self._files.keys()
-
-    def nbytes(self) -> int:
-        """Total size of the stored files."""
-        return self._files.nbytes()
-
-    @property
-    def write_failures(self) -> int:
-        """Saves that failed (full disk, read-only directory, ...) since this store was opened."""
-        return self._files.write_failures
-
-    @property
-    def read_failures(self) -> int:
-        """Files found corrupt, or not regular files, since this store was opened."""
-        return self._files.read_failures
 
 
 def _to_tensors(states: KVStates) -> dict[str, torch.Tensor]:

@@ -206,3 +206,43 @@ class FileStore:
         with self._lock:
             self.read_failures += 1
         logger.warning(message, *args)
+
+
+class FileBacked:
+    """Base of a store kept in a `FileStore` (`self.files`): its key-level verbs and failure counters."""
+
+    files: FileStore
+
+    @property
+    def root(self) -> Path:
+        return self.files.root
+
+    def path(self, key: str) -> Path:
+        """Where `key`'s file lives (whether or not it exists)."""
+        return self.files.path(key)
+
+    def delete(self, key: str) -> bool:
+        """Remove `key`'s file; returns whether there was one."""
+        return self.files.delete(key)
+
+    def __contains__(self, key: object) -> bool:
+        """Whether a regular file exists for `key` (unverified: a load may still find it bad)."""
+        return key in self.files
+
+    def keys(self) -> list[str]:
+        """All stored keys, sorted (stale temp files from killed writers are ignored)."""
+        return self.files.keys()
+
+    def nbytes(self) -> int:
+        """Total size of the stored files."""
+        return self.files.nbytes()
+
+    @property
+    def write_failures(self) -> int:
+        """Writes that failed (full disk, read-only directory, ...) since this store was opened."""
+        return self.files.write_failures
+
+    @property
+    def read_failures(self) -> int:
+        """Files found corrupt or not regular files since this store was opened."""
+        return self.files.read_failures

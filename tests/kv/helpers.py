@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
+import os
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import TypeVar
 
 T = TypeVar("T")
@@ -46,3 +49,14 @@ def finishes(call: Callable[[], T], timeout_s: float = 20.0) -> T:
     if errors:
         raise errors[0]
     return result[0]
+
+
+@contextlib.contextmanager
+def fifo_released(path: Path) -> Iterator[None]:
+    """On exit, open the FIFO at `path` (if one) for writing: a reader a regression left stuck in open() returns."""
+    try:
+        yield
+    finally:
+        if path.is_fifo():
+            with contextlib.suppress(OSError):  # ENXIO: no reader waiting, as it should be
+                os.close(os.open(path, os.O_WRONLY | os.O_NONBLOCK))
