@@ -4,9 +4,10 @@ Tiers: "device" (the model's device) while `device_budget` bytes allow, else "ho
 pinned when CUDA is present so uploads are asynchronous). A request copies states out of
 whichever tier holds them into its own cache, so moving between tiers never changes results.
 
-Eviction (the order is asserted in tests/engine/test_tiers.py):
+Eviction (the order is asserted in tests/engine/test_tiers.py and tests/kv/test_store.py):
 1. Adding to a full device tier demotes device entries to the host tier, least recently used
-   first; pinned entries are never demoted or dropped.
+   first, when that makes room (else nothing is demoted and the new entry goes to the host);
+   pinned entries are never demoted or dropped.
 2. Adding to a full host tier drops host entries, least recently used first (a later request
    re-encodes them, or reloads them from the disk store).
 3. Entries idle longer than `ttl_s` are dropped at the next store operation.
