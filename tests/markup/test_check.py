@@ -176,6 +176,8 @@ def test_builder_accepts_integer_types_with_index():
     (Prompt("t", (), (RoleBlock("bot", ()),)), "unknown role 'bot'"),
     (Prompt("", ()), "schema name '' is not valid"),
     (Prompt("t", [Selection("a")]), "must be tuples"),
+    (Prompt("t", (), (Text(3),)), "prompt text must be a str, got int"),
+    (Prompt("t", (), (RoleBlock("user", (Text("\ud800"),)),)), "lone surrogate U+D800"),
 ])
 def test_prompt_objects_get_named_errors(prompt, phrase):
     assert phrase in refused(check_prompt, prompt)
@@ -204,56 +206,57 @@ BEYOND_GRAMMAR = ("duplicate", "is not one of its members")
 
 
 class SchemaDocs:
-    """Random schema documents from PML's vocabulary, mistakes included (seeded)."""
+    """Random schema documents (seeded): valid PML, with each choice now and then a mistake."""
 
-    TAGS = ["module"] * 5 + ["union"] * 2 + ["parameter"] * 2 + ["system", "user", "assistant", "modul",
-                                                                   "xi:include", "schema"]
-    VALUES = {"cache": ["true", "false", "yes", " true "], "src": ["f.txt", ""], "size": ["3"],
-              "length": ["1", "4096", " +05 ", "0", "4097", "x", "-3"], "xml:space": ["preserve", "keep"]}
-    OPTIONAL = {"module": ["cache", "src", "xml:space"], "union": ["scaffold"], "parameter": ["scaffold"],
-                "system": ["xml:space"], "user": ["xml:space"], "assistant": ["xml:space"]}
+    ROLES = ["system", "user", "assistant"]
+    TAGS = ["module", "union", "parameter", *ROLES, "modul", "xi:include", "schema"]
 
     def __init__(self, seed: int):
         self.rng, self.count = random.Random(seed), 0
 
+    def pick(self, good: list, bad: list, p_bad: float = 0.04):
+        return self.rng.choice(bad if bad and self.rng.random() < p_bad else good)
+
+    def attr(self, p: float, name: str, good: list, bad: list) -> str:
+        return f' {name}="{self.pick(good, bad, 0.25)}"' if self.rng.random() < p else ""
+
     def name(self) -> str:
         self.count += 1
-        return self.rng.choice([f"m{self.count}"] * 8 + ["user", "1a", "a b", ""])
+        return self.pick([f"m{self.count}"], ["user", "1a", "a b", "", "m1"])
 
-    def attrs(self, tag: str) -> tuple[str, str | None]:
-        out, name = [], None
-        if tag in ("module", "parameter") and self.rng.random() < 0.95:
-            name = self.name()
-            out.append(f'name="{name}"')
-        if tag == "parameter" and self.rng.random() < 0.95:
-            out.append(f'length="{self.rng.choice(self.VALUES["length"])}"')
-        for attr in self.OPTIONAL.get(tag, []) + ["size"]:
-            if attr != "scaffold" and self.rng.random() < (0.03 if attr == "size" else 0.12):
-                out.append(f'{attr}="{self.rng.choice(self.VALUES[attr])}"')
-        if tag == "parameter" and self.rng.random() < 0.2:
-            out.append('scaffold="a &lt; b"')
-        return " ".join(out), name
-
-    def element(self, depth: int) -> tuple[str, str | None]:
-        tag = self.rng.choice(self.TAGS)
-        attrs, name = self.attrs(tag)
-        kids = [self.child(depth + 1) for _ in range(self.rng.choice([0, 1, 1, 2, 3]))]
-        if tag == "union" and self.rng.random() < 0.5:
+    def element(self, depth: int, parent: str, in_role: bool, in_module: bool) -> tuple[str, str | None]:
+        good = ["module"] if parent == "union" else ["module", "module", "union"] + (
+            ["parameter"] * 2 if in_module else []) + ([] if in_role else self.ROLES)
+        tag = self.pick(good, [t for t in self.TAGS if t not in good])
+        name = self.name() if tag in ("module", "parameter") and self.rng.random() > 0.02 else None
+        attrs = f' name="{name}"' if name is not None else ""
+        if tag == "parameter":
+            attrs += self.attr(0.97, "length", ["1", "4096", " +05 ", "7"], ["0", "4097", "x", "-3"])
+            attrs += self.attr(0.2, "scaffold", ["a &lt; b", ""], [])
+        attrs += self.attr(0.2, "cache", ["true", "false"], ["yes", " true "]) if tag == "module" else ""
+        attrs += self.attr(0.1 if tag in ("module", *self.ROLES) else 0.01, "xml:space", ["preserve"], ["keep"])
+        attrs += ' size="3"' if self.rng.random() < 0.01 else ""
+        leaf = tag == "parameter" or (tag == "module" and self.rng.random() < 0.15)
+        kids = [] if leaf and self.rng.random() > 0.05 else [
+            self.child(depth + 1, tag, in_role or tag in self.ROLES, in_module or tag == "module")
+            for _ in range(self.rng.choice([1, 1, 2, 3] if tag == "union" else [0, 1, 2, 3]))]
+        if tag == "module" and leaf:
+            attrs += f' src="{self.pick(["f.txt"], [""])}"'
+        if tag == "union" and self.rng.random() < 0.4:
             members = [n for _, n in kids if n]
-            attrs += f' scaffold="{self.rng.choice(members[:1] * 3 + ["zz", "a b"])}"'
-        if tag in ("parameter", "module") and self.rng.random() < 0.6:
-            kids = []
+            attrs += f' scaffold="{self.pick(members[:1] or ["zz"], ["zz", "a b"])}"'
         body = "".join(k for k, _ in kids)
-        return f"<{tag} {attrs}>{body}</{tag}>", name if tag == "module" else None
+        return f"<{tag}{attrs}>{body}</{tag}>", name if tag == "module" else None
 
-    def child(self, depth: int) -> tuple[str, str | None]:
-        if depth > 4 or self.rng.random() < 0.3:
-            return self.rng.choice(["", " ", "hi", "\n  "]), None
-        return self.element(depth)
+    def child(self, depth: int, parent: str, in_role: bool, in_module: bool) -> tuple[str, str | None]:
+        if depth > 5 or self.rng.random() < 0.25:
+            good = [" ", "\n  "] if parent in ("union", "parameter") else ["", " ", "hi", "\n  x\n"]
+            return self.pick(good, ["hi"]), None
+        return self.element(depth, parent, in_role, in_module)
 
     def document(self) -> str:
-        name = self.rng.choice(["t"] * 8 + [" t", ""])
-        body = "".join(self.child(1)[0] for _ in range(self.rng.choice([1, 2, 3])))
+        name = self.pick(["t"], [" t", ""])
+        body = "".join(self.child(1, "schema", False, False)[0] for _ in range(self.rng.choice([1, 2, 3])))
         return f'<schema{XI} name="{name}">{body}</schema>'
 
 
@@ -288,7 +291,7 @@ def verdicts(xml: str, parse, **kwargs) -> tuple[bool, str | None]:
 def test_grammar_and_checker_agree_on_random_schemas(tmp_path):
     (tmp_path / "f.txt").write_text("file text", encoding="utf-8")
     docs, accepted, refused_by_both = SchemaDocs(seed=1234), 0, 0
-    for _ in range(600):
+    for _ in range(800):
         xml = docs.document()
         grammar_ok, problem = verdicts(xml, parse_schema, base_dir=tmp_path)
         if grammar_ok:
@@ -297,7 +300,7 @@ def test_grammar_and_checker_agree_on_random_schemas(tmp_path):
             assert problem is not None, f"the checker accepts what the grammar refuses: {xml}"
         accepted += problem is None
         refused_by_both += not grammar_ok
-    assert accepted >= 100 and refused_by_both >= 100  # both sides of the comparison were exercised
+    assert accepted >= 200 and refused_by_both >= 200  # both sides of the comparison were exercised
 
 
 def test_grammar_and_checker_agree_on_random_prompts():
