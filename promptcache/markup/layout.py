@@ -33,6 +33,7 @@ from types import MappingProxyType
 
 from .chat import ChatFormat
 from .nodes import Module, Param, RoleBlock, Schema, Text, Union
+from .rules import fit_scaffold
 
 ROOT = ""
 
@@ -223,7 +224,7 @@ class _Compiler:
             return f"{parent}/{name}" if parent else name
 
         if isinstance(node, Param):
-            given = encode_text(self.tok, node.scaffold or "")[: node.length]
+            given = fit_scaffold(node, encode_text(self.tok, node.scaffold or ""), parent)
             filler = given + (self.filler,) * (node.length - len(given))
             items.append(("slot", Slot(parent, node.name, pos, node.length, filler)))
             return pos + node.length

@@ -128,12 +128,16 @@ def length_problem(param: Param, name: str) -> str | None:
     return None
 
 
-def scaffold_problem(param: Param, n_tokens: int, module: str) -> str | None:
-    """Why a parameter's scaffold, `n_tokens` long once tokenized, does not fit its slot."""
-    if n_tokens <= param.length:
-        return None
-    return (f"the scaffold of parameter {param.name!r} in module {module!r} is {n_tokens} tokens, "
-            f"longer than its length={param.length}: shorten the scaffold or raise length=")
+def fit_scaffold(param: Param, token_ids: tuple[int, ...], module: str) -> tuple[int, ...]:
+    """`token_ids` (the parameter's tokenized scaffold) if they fit its slot, else a SchemaError.
+
+    Only the layout compiler knows token counts, so it calls this; nothing is truncated silently.
+    """
+    if len(token_ids) > param.length:
+        raise SchemaError(f"the scaffold of parameter {param.name!r} in module {module!r} is "
+                          f"{len(token_ids)} tokens, longer than its length={param.length}: shorten "
+                          "the scaffold or raise length=", line_of(param))
+    return token_ids
 
 
 def tag_of(node: object) -> str | None:

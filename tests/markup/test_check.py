@@ -13,10 +13,13 @@ from lxml import etree
 from promptcache.errors import SchemaError
 from promptcache.markup import xmlsafe
 from promptcache.markup.builder import SchemaBuilder, make_prompt, select
+from promptcache.markup.chat import BUILTIN_FORMATS
 from promptcache.markup.check import check_prompt, check_schema
+from promptcache.markup.layout import compile_schema, encode_text
 from promptcache.markup.nodes import Module, Param, Prompt, RoleBlock, Schema, Selection, Text, Union
 from promptcache.markup.parse import parse_prompt, parse_schema
 from promptcache.markup.rules import MAX_DEPTH
+from promptcache.testing import tiny_tokenizer
 
 
 def refused(fn, *args, **kwargs) -> str:
@@ -156,6 +159,20 @@ def test_builder_accepts_integer_types_with_index():
     with b.module("a"):
         b.parameter("p", Four())
     assert b.build().children[0].children == (Param("p", 4),)
+
+
+def test_a_scaffold_longer_than_its_parameter_is_refused_not_truncated():
+    tok = tiny_tokenizer()
+    scaffold = "seven or eight days"
+    n = len(encode_text(tok, scaffold))
+    xml = ('<schema name="t"><module name="trip">\n<parameter name="days" length="{}" scaffold="{}"/>'
+           "</module></schema>")
+    fits = compile_schema(parse_schema(xml.format(n, scaffold)), tok, BUILTIN_FORMATS["plain"])
+    assert fits.modules["trip"].slots["days"].filler == encode_text(tok, scaffold)
+    with pytest.raises(SchemaError) as info:
+        compile_schema(parse_schema(xml.format(n - 1, scaffold)), tok, BUILTIN_FORMATS["plain"])
+    assert f"parameter 'days' in module 'trip' is {n} tokens, longer than its length={n - 1}" in str(info.value)
+    assert info.value.line == 2
 
 
 # ---- prompts --------------------------------------------------------------------------------
