@@ -1,0 +1,41 @@
+"""`ServerConfig`: what the operator chose for one server (the `promptcache serve` options)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    """Server settings.
+
+    Attributes:
+        model_name: the model id clients name (`GET /v1/models`); others get 404.
+        host / port: where to listen (port 0: any free port, announced on stdout).
+        api_key: when set, every endpoint but `/health` needs `Authorization: Bearer <key>`.
+        parallel: requests generating at once; more wait in the queue.
+        max_queue: requests waiting for a slot; more are refused with 503.
+        max_body_bytes: largest request body; more is refused with 413 before it is read.
+        default_max_tokens: tokens generated when a request names no max_tokens.
+        enable_cache: False prefills every prompt token (the baseline; `--no-cache`).
+        schema_base_dir: the directory `src=` files of schemas posted over HTTP may come from
+            (None: posted schemas cannot read server files at all).
+        shutdown_grace_s: on SIGTERM/SIGINT, how long running requests may take to finish.
+        io_timeout_s: a socket read or write stalled longer than this drops the connection.
+        max_connections: open connections (each has a thread); more are refused with 503.
+    """
+
+    model_name: str
+    host: str = "127.0.0.1"
+    port: int = 8000
+    api_key: str | None = None
+    parallel: int = 4
+    max_queue: int = 64
+    max_body_bytes: int = 16 << 20
+    default_max_tokens: int = 256
+    enable_cache: bool = True
+    schema_base_dir: Path | None = None
+    shutdown_grace_s: float = 30.0
+    io_timeout_s: float = 120.0
+    max_connections: int = 256
