@@ -1,7 +1,9 @@
 """Response cache: whole completions of repeated deterministic requests, as JSON files (off by default).
 
-Only requests for which `is_deterministic` holds should be cached: a sampled completion replayed from
-the cache would silently remove the randomness the caller asked for.
+The engine keys an entry on everything its answer depends on (the model's identity, the exact token
+ids fed and how, the sampling parameters, the namespace) and caches only deterministic requests
+(`SamplingParams.deterministic`): a sampled completion replayed from the cache would silently remove
+the randomness the caller asked for.
 """
 
 from __future__ import annotations
@@ -10,7 +12,7 @@ import json
 import logging
 import os
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 
 from promptcache.errors import PromptCacheError, StoreError
 from promptcache.kv.disk import sha256_json
@@ -20,37 +22,6 @@ logger = logging.getLogger(__name__)
 
 VERSION = 2  # 2: entries carry a sha256
 SUFFIX = ".json"
-
-
-def request_key(*, model_id: str, prompt: str | list, params: Mapping[str, object],
-                namespace: str = "") -> str:
-    """A stable sha256 hex key of one request.
-
-    Strings in `prompt` (a text, or chat messages and their contents) are whitespace-normalised: runs of
-    whitespace become one space and the ends are stripped. `params` are taken verbatim (a stop string's
-    whitespace matters).
-
-    NOTE: prompts differing only in whitespace share a key, hence a cached completion, by design.
-
-    Raises:
-        PromptCacheError: a prompt or parameter value that JSON cannot represent.
-    """
-    return sha256_json({"kind": "promptcache.response", "model_id": model_id,
-                         "prompt": _normalise(prompt), "params": dict(params), "namespace": namespace})
-
-
-def is_deterministic(params: Mapping[str, object]) -> bool:
-    """Whether a request always yields the same completion, i.e. may be served from the cache.
-
-    True when a fixed `seed` is given, or sampling is off: `do_sample` is False, or (with `do_sample`
-    unset) `temperature` is None or 0, or `top_k` is 1.
-    """
-    if params.get("seed") is not None or params.get("do_sample") is False:
-        return True
-    if params.get("do_sample") is True:
-        return params.get("top_k") == 1
-    temperature = params.get("temperature")
-    return temperature is None or float(temperature) == 0.0 or params.get("top_k") == 1
 
 
 class ResponseCache(FileBacked):
@@ -131,13 +102,3 @@ def _unpack(record: object, key: str) -> tuple[dict, float]:
     if not isinstance(payload, dict) or isinstance(created, bool) or not isinstance(created, (int, float)):
         raise StoreError("malformed response cache record")
     return payload, float(created)
-
-
-def _normalise(value: object) -> object:
-    if isinstance(value, str):
-        return " ".join(value.split())
-    if isinstance(value, (list, tuple)):
-        return [_normalise(v) for v in value]
-    if isinstance(value, Mapping):
-        return {k: _normalise(v) for k, v in value.items()}
-    return value

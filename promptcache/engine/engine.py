@@ -24,7 +24,7 @@ from ..errors import PromptError
 from ..kv.cache import RequestCache, request_cache
 from ..kv.disk import DiskStore, states_key
 from ..kv.pool import BufferPool
-from ..kv.prefix import PrefixTree
+from ..kv.prefix import DEFAULT_PREFIX_BUDGET_BYTES, PrefixTree
 from ..kv.states import KVStates
 from ..kv.store import ModuleStore
 from ..markup.bind import bind
@@ -35,6 +35,7 @@ from ..markup.nodes import Prompt, Schema
 from ..markup.parse import is_pml, parse_prompt
 from ..models.adapter import adapter_for
 from ..response_cache import ResponseCache
+from . import checks
 from .decoder import Decoder
 from .generate import SamplingParams, eos_ids
 from .identity import engine_identity
@@ -60,7 +61,8 @@ class Engine:
         store_dir: persist module states there (safetensors), keyed by everything they depend on.
         response_cache_dir: answer identical deterministic requests from disk (off by default).
         prefix_cache: reuse the longest previously computed prefix of plain prompts and chats.
-        prefix_budget_bytes: bytes of prefix states kept (None: unbounded), LRU leaves first.
+        prefix_budget_bytes: bytes of prefix states kept, least recently used leaves dropped first
+            (default `kv.prefix.DEFAULT_PREFIX_BUDGET_BYTES`, 1 GiB; None: unbounded).
         pool_blocks: idle request caches kept for the next requests (None: 4 on the CPU, where a
             fresh one page-faults; 0 elsewhere, where torch's caching allocator reuses memory).
         progress: show a progress bar while encoding.
@@ -70,8 +72,16 @@ class Engine:
                  chat_format: str | ChatFormat | None = None, device_budget_bytes: int | None = None,
                  host_budget_bytes: int | None = None, ttl_s: float | None = None,
                  store_dir: str | os.PathLike | None = None, response_cache_dir: str | os.PathLike | None = None,
-                 prefix_cache: bool = True, prefix_budget_bytes: int | None = None, pool_blocks: int | None = None,
+                 prefix_cache: bool = True, prefix_budget_bytes: int | None = DEFAULT_PREFIX_BUDGET_BYTES,
+                 pool_blocks: int | None = None,
                  progress: bool = True):
+        ttl_s = checks.optional_seconds("ttl_s", ttl_s)
+        prefix_budget_bytes = checks.optional_count("prefix_budget_bytes", prefix_budget_bytes)
+        pool_blocks = checks.optional_count("pool_blocks", pool_blocks)
+        store_dir = checks.optional_dir("store_dir", store_dir)
+        response_cache_dir = checks.optional_dir("response_cache_dir", response_cache_dir)
+        checks.flag("prefix_cache", prefix_cache)
+        checks.flag("progress", progress)
         if device is not None:
             model = model.to(torch.device(device))
         self.model, self.tokenizer = model.eval(), tokenizer
@@ -161,6 +171,7 @@ class Engine:
         """
         if not isinstance(namespace, str):
             raise PromptError(f"namespace must be a string, got {type(namespace).__name__}")
+        checks.flag("enable_cache", enable_cache)
         if isinstance(prompt, str) and is_pml(prompt):
             prompt = parse_prompt(prompt)
         elif isinstance(prompt, Prompt):
@@ -170,6 +181,7 @@ class Engine:
             tokens = bind(prompt, version.layout, self.tokenizer)
             source = "modules" if enable_cache else "none"
         elif isinstance(prompt, str) or (isinstance(prompt, Sequence) and not isinstance(prompt, bytes)):
+            checks.prompt_texts(prompt)
             version = None
             tokens = plain_plan(prompt, self.tokenizer, self.chat_format, self._bos)
             source = "prefix" if enable_cache and self.prefix is not None else "none"

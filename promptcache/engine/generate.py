@@ -6,6 +6,8 @@ Sampling maths comes from transformers' logits processors; each request has its 
 
 from __future__ import annotations
 
+import math
+import numbers
 import re
 from dataclasses import dataclass, fields, replace
 
@@ -36,17 +38,10 @@ class SamplingParams:
     ignore_eos: bool = False
 
     def __post_init__(self):
-        checks = [
-            (isinstance(self.max_new_tokens, int) and self.max_new_tokens >= 1, "max_new_tokens", "an int >= 1"),
-            (self.temperature >= 0, "temperature", ">= 0"),
-            (0 < self.top_p <= 1, "top_p", "in (0, 1]"),
-            (isinstance(self.top_k, int) and self.top_k >= 0, "top_k", "an int >= 0"),
-            (self.repetition_penalty > 0, "repetition_penalty", "> 0"),
-            (all(isinstance(s, str) and s for s in self.stop), "stop", "non-empty strings"),
-        ]
-        for ok, name, valid in checks:
-            if not ok:
-                raise PromptError(f"invalid {name}={getattr(self, name)!r}: must be {valid}")
+        # NOTE: numpy scalars are numbers.Integral / numbers.Real; they become Python numbers here, so
+        # cache keys and torch calls see one type. bool is refused where a number is meant.
+        for name, value in _checked(self).items():
+            object.__setattr__(self, name, value)
 
     @classmethod
     def merge(cls, base: SamplingParams | None = None, **overrides) -> SamplingParams:
@@ -57,13 +52,9 @@ class SamplingParams:
         if unknown:
             raise PromptError(f"unknown generation argument(s) {unknown}; valid: "
                               f"{', '.join(f.name for f in fields(cls))}")
-        if isinstance(overrides.get("stop"), str):
-            overrides["stop"] = (overrides["stop"],)
         for name in ("stop", "stop_token_ids"):
             if name in overrides and overrides[name] is None:
                 overrides[name] = ()
-            elif isinstance(overrides.get(name), (list, tuple)):
-                overrides[name] = tuple(overrides[name])
         return replace(base or cls(), **overrides)
 
     @property
@@ -113,6 +104,53 @@ class TokenPicker:
             return int(scores.argmax(-1))
         probs = torch.softmax(scores, dim=-1)
         return int(torch.multinomial(probs, 1, generator=self.gen))
+
+
+SEED_RANGE = (0, 2**64 - 1)  # what torch.Generator.manual_seed takes
+
+
+def _bad(name: str, value: object, valid: str) -> PromptError:
+    return PromptError(f"invalid {name}={value!r:.80}: must be {valid}")
+
+
+def _int(name: str, value: object, low: int, high: int | None = None) -> int:
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < low or \
+            (high is not None and value > high):
+        raise _bad(name, value, f"an int >= {low}" + (f" and <= {high}" if high is not None else ""))
+    return int(value)
+
+
+def _real(name: str, value: object, ok, valid: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value) or not ok(value):
+        raise _bad(name, value, f"a finite number {valid}")
+    return float(value)
+
+
+def _strings(name: str, value: object) -> tuple[str, ...]:
+    if isinstance(value, str):
+        value = (value,)
+    if not isinstance(value, (list, tuple)) or not all(isinstance(s, str) and s for s in value):
+        raise _bad(name, value, "a non-empty string or a list of non-empty strings")
+    return tuple(value)
+
+
+def _checked(p: SamplingParams) -> dict[str, object]:
+    """Every field validated and normalised (Python types, tuples), or a PromptError naming it."""
+    ids = p.stop_token_ids
+    if not isinstance(ids, (list, tuple)):
+        raise _bad("stop_token_ids", ids, "a list of token ids (ints >= 0)")
+    if not isinstance(p.ignore_eos, bool):
+        raise _bad("ignore_eos", p.ignore_eos, "True or False")
+    return {
+        "max_new_tokens": _int("max_new_tokens", p.max_new_tokens, 1),
+        "temperature": _real("temperature", p.temperature, lambda v: v >= 0, ">= 0"),
+        "top_p": _real("top_p", p.top_p, lambda v: 0 < v <= 1, "in (0, 1]"),
+        "top_k": _int("top_k", p.top_k, 0),
+        "repetition_penalty": _real("repetition_penalty", p.repetition_penalty, lambda v: v > 0, "> 0"),
+        "stop": _strings("stop", p.stop),
+        "stop_token_ids": tuple(_int("stop_token_ids", t, 0) for t in ids),
+        "seed": None if p.seed is None else _int("seed", p.seed, *SEED_RANGE),
+    }
 
 
 _BYTE_PIECE = re.compile(r"<0x[0-9A-Fa-f]{2}>")

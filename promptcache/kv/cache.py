@@ -139,20 +139,3 @@ def request_cache(parts: Sequence[KVStates], capacity: int, *, num_layers: int, 
             at += m
     positions = torch.cat([p.positions.to(block.device) for p in parts]) if parts else None
     return RequestCache(block, n, positions)
-
-
-def splice(parts: list[KVStates], capacity: int, device: torch.device, dtype: torch.dtype,
-           batch: int = 1, pool: BufferPool | None = None) -> tuple[RequestCache, torch.Tensor]:
-    """Deprecated: `request_cache` (kept until the engine and benchmarks have moved to it)."""
-    assert parts
-    k0 = parts[0].keys[0]
-    cache = request_cache(parts, capacity, num_layers=parts[0].num_layers, kv_heads=k0.shape[1],
-                          head_dim=k0.shape[-1], device=device, dtype=dtype, batch=batch, pool=pool)
-    return cache, cache.spliced_positions
-
-
-def empty_cache(num_layers: int, kv_heads: int, head_dim: int, capacity: int, device, dtype,
-                batch: int = 1, pool: BufferPool | None = None) -> RequestCache:
-    """Deprecated: `request_cache([], ...)` (kept until the engine has moved to it)."""
-    return request_cache([], capacity, num_layers=num_layers, kv_heads=kv_heads, head_dim=head_dim,
-                         device=device, dtype=dtype, batch=batch, pool=pool)

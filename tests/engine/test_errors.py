@@ -7,7 +7,7 @@ import pytest
 import promptcache as pc
 from promptcache.errors import PromptError, SchemaError
 
-from .conftest import ALL_DOCS_PROMPT, DOCS
+from .conftest import ALL_DOCS_PROMPT, DOCS, make_engine
 
 SHORT = """
 <schema name="short">
@@ -130,3 +130,49 @@ def test_prompt_objects_get_the_rules_pml_text_gets(engine):
     twice = pc.Prompt("docs", (pc.Selection("intro"), pc.Selection("intro")))
     with pytest.raises(pc.PromptCacheError, match="intro"):
         engine.generate(twice, max_new_tokens=1)
+
+
+@pytest.mark.parametrize("kwargs, culprit", [
+    ({"temperature": "0.5"}, "temperature"), ({"temperature": None}, "temperature"),
+    ({"temperature": float("inf")}, "temperature"), ({"stop": 123}, "stop"), ({"stop": {"a": 1}}, "stop"),
+    ({"stop_token_ids": 5}, "stop_token_ids"), ({"top_k": True}, "top_k"), ({"seed": 2**70}, "seed"),
+    ({"seed": "abc"}, "seed"), ({"seed": 1.5}, "seed"), ({"ignore_eos": "no"}, "ignore_eos"),
+    ({"max_new_tokens": True}, "max_new_tokens"), ({"enable_cache": "no"}, "enable_cache"),
+    ({"namespace": 3}, "namespace"), ({"top_p": 0}, "top_p"), ({"bogus": 1}, "bogus"),
+])
+def test_bad_request_arguments_are_named(engine, kwargs, culprit):
+    # Each is refused before any model work, also under greedy decoding (seed="abc" used to be accepted).
+    with pytest.raises(PromptError, match=culprit):
+        engine.generate("Hello there", **{"max_new_tokens": 2, **kwargs})
+
+
+@pytest.mark.parametrize("prompt, culprit", [
+    ("", "empty"), ("a \ud800 b", "surrogate"), ([{"role": "user", "content": "x\udfff"}], "surrogate"),
+])
+def test_bad_prompt_text_is_refused(engine, prompt, culprit):
+    with pytest.raises(PromptError, match=culprit):
+        engine.generate(prompt, max_new_tokens=2)
+
+
+def test_numpy_scalars_are_numbers(arch, tmp_path):
+    np = pytest.importorskip("numpy")
+    engine = make_engine(arch, response_cache_dir=tmp_path, ttl_s=np.float64(60), prefix_budget_bytes=np.int64(10**7))
+    first = engine.generate("Hello there", max_new_tokens=np.int64(3), temperature=np.float32(0.0))
+    again = engine.generate("Hello there", max_new_tokens=3)
+    assert again.usage.response_cached and again.token_ids == first.token_ids
+
+
+def test_huge_max_new_tokens_is_capped_by_the_context_window(small):
+    out = small.generate("Hello there", max_new_tokens=10**12, ignore_eos=True)
+    assert out.finish_reason == "length" and out.usage.input_tokens + out.usage.output_tokens == 64
+
+
+@pytest.mark.parametrize("kwargs, culprit", [
+    ({"ttl_s": "x"}, "ttl_s"), ({"ttl_s": float("nan")}, "ttl_s"), ({"prefix_budget_bytes": "x"}, "prefix_budget"),
+    ({"prefix_budget_bytes": 1.5}, "prefix_budget"), ({"store_dir": ""}, "store_dir"),
+    ({"store_dir": "a\0b"}, "store_dir"), ({"response_cache_dir": ""}, "response_cache_dir"),
+    ({"pool_blocks": -1}, "pool_blocks"), ({"prefix_cache": "no"}, "prefix_cache"),
+])
+def test_bad_engine_options_are_named(kwargs, culprit):
+    with pytest.raises(PromptError, match=culprit):
+        make_engine("llama", **kwargs)

@@ -147,3 +147,14 @@ def test_streamed_deltas_are_stable_prefixes(pieces, stop):
             break
     streamed += tracker.delta(final=True)
     assert streamed == tracker.text
+
+
+@pytest.mark.parametrize("params, expected", [
+    ({}, True),
+    ({"temperature": 0.7}, False),
+    ({"temperature": 0.7, "seed": 1234}, True),
+    ({"temperature": 1.0, "top_k": 1}, True),
+    ({"temperature": 0.0, "top_p": 0.5}, True),
+])
+def test_deterministic_sampling_params(params, expected):
+    assert pc.SamplingParams(**params).deterministic is expected

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from promptcache.errors import StoreError
-from promptcache.kv.cache import empty_cache, splice
+from promptcache.kv.cache import request_cache
 from promptcache.kv.pool import ROUND, BufferPool
 from promptcache.kv.states import KVStates
 
@@ -93,10 +93,12 @@ def test_threads_never_share_a_block():
 
 def test_splice_into_a_reused_block_shows_only_its_own_tokens():
     pool = BufferPool()
-    big = splice([states(40, seed=1)], 60, "cpu", torch.float32, pool=pool)[0]
+    geometry = {"num_layers": LAYERS, "kv_heads": HEADS, "head_dim": DIM, "device": "cpu", "dtype": torch.float32}
+    big = request_cache([states(40, seed=1)], 60, pool=pool, **geometry)
     pool.give(big.block)
     a, b = states(5, seed=2), states(3, start=5, seed=3)
-    cache, pos = splice([a, b], 12, "cpu", torch.float32, pool=pool)
+    cache = request_cache([a, b], 12, pool=pool, **geometry)
+    pos = cache.spliced_positions
     assert cache.block.data_ptr() == big.block.data_ptr()
     assert pos.tolist() == list(range(8))
     for i, layer in enumerate(cache.layers):
@@ -106,4 +108,4 @@ def test_splice_into_a_reused_block_shows_only_its_own_tokens():
     new = torch.ones(1, HEADS, 2, DIM)
     k, _ = cache.layers[0].update(new, new)
     assert k.shape[-2] == 10 and torch.equal(k[:, :, 8:], new)
-    assert empty_cache(LAYERS, HEADS, DIM, 4, "cpu", torch.float32, pool=pool).layers[0].get_seq_length() == 0
+    assert request_cache([], 4, pool=pool, **geometry).layers[0].get_seq_length() == 0
