@@ -1,8 +1,15 @@
 """Plain prompts and chat messages: token ids at contiguous positions, for prefix reuse.
 
-Chat messages are tokenized piece by piece (each role's prefix, content and suffix separately, then
-the assistant prefix that opens the reply), so the tokens of a conversation are always a prefix
-of the tokens of its continuation: every turn can reuse every earlier turn.
+A chat is tokenized exactly as the model's own chat template renders it
+(`tokenizer.apply_chat_template(messages, add_generation_prompt=True)`) whenever the engine's chat
+format came from the tokenizer's template (`ChatFormat.template`): default system prompt, BOS and
+all. A chat format chosen by name (or a template-less tokenizer) renders the messages turn by turn
+instead: the format's preamble, then each role's prefix, content and suffix tokenized separately,
+then the assistant's prefix, which opens the reply.
+
+Either way the prefix tree reuses the longest common token prefix with earlier requests; with the
+usual templates (each turn's text appended to the last) a conversation's tokens are a prefix of
+its continuation's, so each turn reuses every earlier turn.
 """
 
 from __future__ import annotations
@@ -16,6 +23,7 @@ from ..markup.nodes import ROLES
 
 
 def check_messages(messages: Sequence) -> list[dict[str, str]]:
+    """Validated copies of OpenAI-style `messages`; PromptError naming the bad message."""
     out = []
     for i, m in enumerate(messages):
         if not isinstance(m, Mapping) or "role" not in m or "content" not in m:
@@ -32,14 +40,38 @@ def check_messages(messages: Sequence) -> list[dict[str, str]]:
 
 def chat_token_ids(messages: Sequence[Mapping[str, str]], tokenizer, chat: ChatFormat,
                    bos: tuple[int, ...]) -> list[int]:
-    ids = list(bos)
+    """The token ids of a chat, ending with the generation prompt unless the last turn is the assistant's.
+
+    Args:
+        messages: validated messages (`check_messages`).
+        tokenizer: the model's tokenizer.
+        chat: the engine's chat format; with a `template`, the template renders the chat.
+        bos: the tokenizer's leading BOS, used when `chat.start` is None (turn-by-turn formats).
+    """
+    reply = messages[-1]["role"] != "assistant"
+    if chat.template is not None:
+        return _template_ids(messages, tokenizer, chat.template, reply)
+    ids = list(bos) if chat.start is None else []
+    ids.extend(encode_text(tokenizer, chat.preamble(messages[0]["role"])))
+    after_system = False
     for m in messages:
-        before, after = chat.roles[m["role"]]
-        for piece in (before, m["content"], after):
+        for piece in (chat.opener(m["role"], after_system), m["content"], chat.roles[m["role"]][1]):
             ids.extend(encode_text(tokenizer, piece))
-    if messages[-1]["role"] != "assistant":
+        after_system = m["role"] == "system"
+    if reply:
         ids.extend(encode_text(tokenizer, chat.roles["assistant"][0]))
     return ids
+
+
+def _template_ids(messages: Sequence[Mapping[str, str]], tokenizer, template: str, reply: bool) -> list[int]:
+    try:
+        ids = tokenizer.apply_chat_template(list(messages), chat_template=template, tokenize=True,
+                                            add_generation_prompt=reply, return_dict=False)
+    except Exception as exc:  # noqa: BLE001 - Jinja raises anything (raise_exception, TemplateError)
+        roles = ", ".join(m["role"] for m in messages)
+        raise PromptError(f"the model's chat template cannot render these messages (roles: {roles}): "
+                          f"{exc}") from exc
+    return [int(i) for i in ids]
 
 
 def plain_plan(prompt: str | Sequence, tokenizer, chat: ChatFormat, bos: tuple[int, ...]) -> PromptPlan:

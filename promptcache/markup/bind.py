@@ -60,17 +60,25 @@ def _arguments(layout: SchemaLayout, path: str, sel: Selection, tok) -> dict[str
 
 
 def _tail_text(layout: SchemaLayout, prompt: Prompt) -> str:
-    parts, last_role = [], None
+    """The prompt's own text and turns, as the chat format renders them after the schema.
+
+    A turn continues the schema's chat state (a user turn right after the schema's closing system
+    turn opens as the format says it does there); the generation prompt follows when the last
+    turn, the prompt's or else the schema's, is a user or system turn with only whitespace after it.
+    """
+    chat = layout.chat
+    parts, after_system, last_role = [], layout.ends_after_system, layout.trailing_role
     for node in prompt.tail:
         if isinstance(node, RoleBlock):
             text = "".join(t.text for t in node.children)
-            parts.append(layout.chat.wrap(node.role, text))
-            last_role = node.role
+            parts.append(chat.wrap(node.role, text, after_system))
+            after_system, last_role = node.role == "system", node.role
         else:
             parts.append(node.text)
-            last_role = None if node.text.strip() else last_role
-    if last_role == "user":
-        parts.append(layout.chat.generation_prompt)
+            if node.text.strip():
+                after_system, last_role = False, None
+    if last_role in ("user", "system"):
+        parts.append(chat.generation_prompt)
     return "".join(parts)
 
 

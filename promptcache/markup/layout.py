@@ -19,23 +19,34 @@ Every module always starts at the same position, whichever other modules a promp
 states can be encoded once and reused. A prompt that skips a module leaves a gap in positions
 (RoPE and position-aware ALiBi handle gaps; see `models/`).
 
-Encoding runs in passes (`EncodePass`): pass 0 is the schema with every union's scaffold member;
-each other union member gets a pass whose context is the first `prefix_len` tokens of its parent
-pass, i.e. everything before the union. Passes with the same parent and prefix are batched.
+Encoding runs in passes (`EncodePass`): pass 0 is the schema with every union's scaffold member
+(by default its longest, so that selecting every scaffold leaves no gap: such a prompt is exactly
+the schema's text at contiguous positions); each other union member gets a pass whose context is
+the first `prefix_len` tokens of its parent pass, i.e. everything before the union. Passes with the
+same parent and prefix are batched.
+
+A schema with role blocks starts as the chat format starts a conversation (`ChatFormat.preamble`:
+the template's start text, and its default system turn unless the first role block is a system
+turn); one without role blocks starts like plain text. Role blocks are rendered in order, so a
+turn's opener may depend on the turn before it (`ChatFormat.user_after_system`).
 """
 
 from __future__ import annotations
 
 import functools
+import logging
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
 
+from ..errors import PromptCacheError
 from .chat import ChatFormat
 from .nodes import Module, Param, RoleBlock, Schema, Text, Union
 from .rules import fit_scaffold
 
 ROOT = ""
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -133,6 +144,8 @@ class SchemaLayout:
     unions: tuple[UnionLayout, ...]
     passes: tuple[EncodePass, ...]
     chat: ChatFormat
+    ends_after_system: bool = False  # the schema's text ends right after a system turn
+    trailing_role: str | None = None  # the schema's text ends right after a turn of this role
 
     def module(self, path: str) -> ModuleLayout:
         return self.modules[path]
@@ -175,19 +188,57 @@ def leading_bos(tokenizer) -> tuple[int, ...]:
     return (bos,) if ids and ids[0] == bos else ()
 
 
+def filler_ids(tokenizer, text: str) -> tuple[int, ...]:
+    """The token ids a parameter's unused positions are encoded with: `text`, tokenized.
+
+    Raises:
+        PromptCacheError: `text` tokenizes to nothing.
+    """
+    ids = encode_text(tokenizer, text) if isinstance(text, str) else ()
+    if not ids:
+        raise PromptCacheError(f"param_filler {text!r} tokenizes to no tokens; give plain text such as ' '")
+    return ids
+
+
+def first_role(nodes) -> str | None:
+    """The role of the first role block in document order (modules and union members included)."""
+    for node in nodes:
+        if isinstance(node, RoleBlock):
+            return node.role
+        found = first_role(node.children) if isinstance(node, Module) else \
+            first_role(node.members) if isinstance(node, Union) else None
+        if found is not None:
+            return found
+    return None
+
+
+@dataclass
+class _ChatState:
+    """Where the document is, chat-wise: right after a system turn? which turn ended last?"""
+
+    after_system: bool = False
+    last_role: str | None = None
+
+    def text(self, text: str) -> None:
+        if text.strip():
+            self.after_system, self.last_role = False, None
+
+
 class _Compiler:
-    def __init__(self, tokenizer, chat: ChatFormat):
-        self.tok, self.chat = tokenizer, chat
+    def __init__(self, tokenizer, chat: ChatFormat, filler: tuple[int, ...]):
+        self.tok, self.chat, self.filler = tokenizer, chat, filler
         self.modules: dict[str, ModuleLayout] = {}
         self.unions: list[UnionLayout] = []
-        filler = getattr(tokenizer, "unk_token_id", None)
-        self.filler = filler if filler is not None else (tokenizer.pad_token_id or tokenizer.eos_token_id or 0)
+        self.state = _ChatState()
 
     def block(self, path: str, nodes, start: int, cache: bool, union: int | None = None,
-              prefix: tuple[int, ...] = ()) -> int:
-        """Lay out one module (or the root) from `start`; returns the position after it."""
+              prefix: tuple[int, ...] = (), lead: str = "") -> int:
+        """Lay out one module (or the root) from `start`; returns the position after it.
+
+        `prefix`: token ids first (the root's BOS); `lead`: text before the nodes (the root's preamble).
+        """
         items: list[tuple[str, object]] = []
-        pos, pending = start, []
+        pos, pending = start, [lead]
         if prefix:
             items.append(("run", Run(prefix, pos)))
             pos += len(prefix)
@@ -205,11 +256,13 @@ class _Compiler:
             for node in children:
                 if isinstance(node, Text):
                     pending.append(node.text)
+                    self.state.text(node.text)
                 elif isinstance(node, RoleBlock):
-                    before, after = self.chat.roles[node.role]
-                    pending.append(before)
+                    pending.append(self.chat.opener(node.role, self.state.after_system))
+                    self.state.after_system = False
                     walk(node.children)
-                    pending.append(after)
+                    pending.append(self.chat.roles[node.role][1])
+                    self.state = _ChatState(node.role == "system", node.role)
                 else:
                     flush()
                     pos = self.child(path, node, pos, cache, items)
@@ -225,8 +278,10 @@ class _Compiler:
 
         if isinstance(node, Param):
             given = fit_scaffold(node, encode_text(self.tok, node.scaffold or ""), parent)
-            filler = given + (self.filler,) * (node.length - len(given))
+            rest = node.length - len(given)
+            filler = given + (self.filler * (rest // len(self.filler) + 1))[:rest]
             items.append(("slot", Slot(parent, node.name, pos, node.length, filler)))
+            self.state.text("x")  # an argument is text: no turn ends right before what follows
             return pos + node.length
         if isinstance(node, Module):
             items.append(("module", join(node.name)))
@@ -234,23 +289,48 @@ class _Compiler:
         assert isinstance(node, Union), node
         index = len(self.unions)
         self.unions.append(None)  # reserve the index; filled below
-        ends = []
+        before, laid = self.state, []  # (path, end, chat state after it) per member
         for member in node.members:
             items.append(("module", join(member.name)))
-            ends.append(self.block(join(member.name), member.children, pos, cache and member.cache, index))
+            self.state = _ChatState(before.after_system, before.last_role)
+            end = self.block(join(member.name), member.children, pos, cache and member.cache, index)
+            laid.append((join(member.name), end, self.state))
         items.append(("union", index))
-        scaffold = join(node.scaffold or node.members[0].name)
-        members = tuple(join(m.name) for m in node.members)
-        self.unions[index] = UnionLayout(parent, members, scaffold, pos, max(ends) - pos)
-        return max(ends)
+        length = max(end for _, end, _ in laid) - pos
+        # NOTE: the default scaffold is the longest member (the first of equals), so that a prompt
+        # selecting it leaves no gap in positions before what follows the union.
+        scaffold = join(node.scaffold) if node.scaffold else max(laid, key=lambda m: m[1])[0]
+        end, self.state = next((e, st) for path, e, st in laid if path == scaffold)
+        if end - pos < length:
+            logger.info("union at %s: scaffold %s is %d positions shorter than the union; a prompt "
+                        "selecting it has a gap there", parent or "the root", scaffold, length - end + pos)
+        self.unions[index] = UnionLayout(parent, tuple(p for p, _, _ in laid), scaffold, pos, length)
+        return pos + length
 
 
-def compile_schema(schema: Schema, tokenizer, chat: ChatFormat) -> SchemaLayout:
-    """Assign every token of `schema` its id and absolute position; plan the encode passes."""
-    c = _Compiler(tokenizer, chat)
-    length = c.block(ROOT, schema.children, 0, True, prefix=leading_bos(tokenizer))
+def compile_schema(schema: Schema, tokenizer, chat: ChatFormat, *, param_filler: str = " ") -> SchemaLayout:
+    """Assign every token of `schema` its id and absolute position; plan the encode passes.
+
+    A schema with role blocks is a conversation: it starts as the chat format starts one (the
+    template's start text, and its default system turn unless the first role block is `<system>`);
+    a schema without role blocks starts like plain text, with the tokenizer's BOS if it adds one.
+
+    Args:
+        schema: the parsed schema.
+        tokenizer: the model's tokenizer.
+        chat: the chat format role blocks are rendered in.
+        param_filler: text whose tokens fill a parameter's positions beyond its scaffold while the
+            schema is encoded (plain text: a special token such as `<unk>` or `<|endoftext|>` there
+            would make the text after the parameter look like a new document).
+    """
+    c = _Compiler(tokenizer, chat, filler_ids(tokenizer, param_filler))
+    role = first_role(schema.children)
+    bos = leading_bos(tokenizer) if role is None or chat.start is None else ()
+    lead = chat.preamble(role) if role is not None else ""
+    length = c.block(ROOT, schema.children, 0, True, prefix=bos, lead=lead)
     passes = _plan_passes(c.modules, c.unions)
-    return SchemaLayout(schema.name, length, c.modules, tuple(c.unions), tuple(passes), chat)
+    return SchemaLayout(schema.name, length, c.modules, tuple(c.unions), tuple(passes), chat,
+                        c.state.after_system, c.state.last_role)
 
 
 def _walk(modules, unions, path: str, out: list, forks: list):

@@ -9,7 +9,6 @@ room, `src=` files staying inside the allowed directory) and how whitespace beco
 from __future__ import annotations
 
 import os
-import textwrap
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -31,6 +30,7 @@ from promptcache.markup.nodes import (
     Union,
 )
 from promptcache.markup.rules import XML_SPACE, Foreign, Where, display
+from promptcache.markup.whitespace import INLINE, LAYOUT, ROLE, TextRun, normalize_content, verbatim_marks
 from promptcache.markup.xmlsafe import (
     Document,
     load_document,
@@ -63,30 +63,20 @@ def is_pml(text: str) -> bool:
 
 
 def normalize_text(run: str, *, first: bool = True, last: bool = True) -> str:
-    """Normalise one run of text between elements; "" means the run is dropped.
+    """What one run of typed text becomes under PML's whitespace rules (`markup.whitespace`).
 
-    Whitespace-only runs vanish. Otherwise the run is dedented (`textwrap.dedent`), its leading
-    whitespace becomes "" when the run is the first child of its parent, else "\\n" when it held
-    a newline, else " "; trailing whitespace likewise with "last". Inner whitespace is kept.
+    The run is dedented by its own common indentation; literal whitespace at its start is removed
+    when `first` (nothing precedes it in its element) and at its end when `last`. The parser applies
+    the same rules to all runs of an element at once, with verbatim characters (CDATA, character
+    references) exempt.
 
     Args:
-        run: the raw text (CDATA and entities already resolved to characters).
-        first: no element precedes the run in its parent.
+        run: the raw text.
+        first: no element precedes the run in its parent (else an inline element such as a module).
         last: no element follows the run in its parent.
     """
-    core = textwrap.dedent(run).strip(_WS)
-    if not core:
-        return ""
-    lead = run[: len(run) - len(run.lstrip(_WS))]
-    trail = run[len(run.rstrip(_WS)):]
-    return _collapse(lead, first) + core + _collapse(trail, last)
-
-
-def _collapse(space: str, at_edge: bool) -> str:
-    if at_edge or not space:
-        return ""
-    return "\n" if "\n" in space else " "
-
+    items = ([] if first else [INLINE]) + [TextRun(run)] + ([] if last else [INLINE])
+    return normalize_content(items)[0]
 
 
 def _load_root(source: str | os.PathLike, max_bytes: int, tag: str):
@@ -122,6 +112,7 @@ def parse_schema(source: str | os.PathLike, *, base_dir: str | os.PathLike | Non
     if base_dir is None and doc.path is not None:
         base_dir = doc.path.parent
     build = _SchemaBuilder(doc, Path(base_dir) if base_dir is not None else None, where)
+    build.marks = verbatim_marks(doc.text, root)
     children = build.children(root, _preserves(root, False))
     schema = Schema(root.get("name"), children, source=str(doc.path) if doc.path else None)
     return check_schema(schema, where=where)
@@ -136,19 +127,20 @@ def parse_prompt(source: str | os.PathLike, *, max_bytes: int = 1 << 20) -> Prom
     Raises:
         SchemaError: malformed, hostile or invalid document, with line and column when known.
     """
-    _, root, where = _load_root(source, max_bytes, "prompt")
+    doc, root, where = _load_root(source, max_bytes, "prompt")
+    marks = verbatim_marks(doc.text, root)
     preserve = _preserves(root, False)
     selections: list[Selection] = []
     tail: list[Text | RoleBlock] = []
     started: str | None = None  # what began the free-text tail, for messages
-    for item, first, last in _items(root):
+    for item, first, last in _items(root, marks):
         if isinstance(item, _Run):
             tail += _text_nodes(item, first, last, preserve)
             if started is None and item.text.strip(_WS):
                 started = rules.tail_start(item.text)
         elif item.tag in ROLES:
             started = started or rules.tail_start(None, item.tag, item.sourceline)
-            tail.append(_turn(item, preserve, where))
+            tail.append(_turn(item, preserve, where, marks))
         elif started:
             tag = display(item.tag)
             raise where.error(rules.selection_after_tail(tag, started), item.sourceline, tag)
@@ -162,32 +154,56 @@ def parse_prompt(source: str | os.PathLike, *, max_bytes: int = 1 << 20) -> Prom
 
 @dataclass(frozen=True)
 class _Run:
-    """Text between two elements; comments and PIs inside it are invisible."""
+    """Text between two elements; comments and PIs inside it are invisible.
+
+    `norm` is the text under the default whitespace rules (`markup.whitespace`), which depend on
+    the element's other runs and on the elements around the run.
+    """
 
     text: str
     line: int | None
+    verbatim: frozenset[int] = frozenset()
+    norm: str = ""
 
 
-def _items(el: etree._Element) -> list[tuple[_Run | etree._Element, bool, bool]]:
-    """Children of `el` as (run or element, first, last); first/last: no element before/after."""
+def _items(el: etree._Element, marks: dict | None = None) -> list[tuple[_Run | etree._Element, bool, bool]]:
+    """Children of `el` as (run or element, first, last); first/last: no element before/after.
+
+    `marks`: `whitespace.verbatim_marks` of the document (None: every character literal).
+    """
+    slots = iter((marks or {}).get(el) or ())
     items: list[_Run | etree._Element] = []
     pending, line = el.text or "", el.sourceline
     for child in el:
         if isinstance(child.tag, str):
+            verbatim = next(slots, frozenset())
             if pending:
-                items.append(_Run(pending, max(1, child.sourceline - pending.count("\n"))))
+                items.append(_Run(pending, max(1, child.sourceline - pending.count("\n")), verbatim))
             items.append(child)
             pending, line = "", child.sourceline
         pending += child.tail or ""
     if pending:
-        items.append(_Run(pending, line))
+        items.append(_Run(pending, line, next(slots, frozenset())))
+    items = _normalized(el, items)
     elements = [i for i, item in enumerate(items) if not isinstance(item, _Run)]
     lo, hi = (elements[0], elements[-1]) if elements else (len(items), -1)
     return [(item, i < lo, i > hi) for i, item in enumerate(items)]
 
 
+def _normalized(el: etree._Element, items: list) -> list:
+    """`items` with each run's `norm` filled in (see `markup.whitespace`)."""
+    def kind(child: etree._Element) -> str:
+        if child.tag in ROLES:
+            return ROLE
+        return LAYOUT if el.tag == "prompt" else INLINE  # a prompt's other children are selections
+
+    content = [TextRun(x.text, x.verbatim) if isinstance(x, _Run) else kind(x) for x in items]
+    texts = iter(normalize_content(content))
+    return [_Run(x.text, x.line, x.verbatim, next(texts)) if isinstance(x, _Run) else x for x in items]
+
+
 def _text_nodes(run: _Run, first: bool, last: bool, preserve: bool) -> list[Text]:
-    text = run.text if preserve else normalize_text(run.text, first=first, last=last)
+    text = run.text if preserve else run.norm
     return [Text(text, run.line)] if text else []
 
 
@@ -210,10 +226,11 @@ class _SchemaBuilder:
 
     def __init__(self, doc: Document, base_dir: Path | None, where: Where):
         self.doc, self.base_dir, self.where = doc, base_dir, where
+        self.marks: dict | None = None  # whitespace.verbatim_marks of the document
 
     def children(self, el: etree._Element, preserve: bool) -> tuple[Node, ...]:
         nodes: list[Node] = []
-        for item, first, last in _items(el):
+        for item, first, last in _items(el, self.marks):
             if isinstance(item, _Run):
                 nodes += _text_nodes(item, first, last, preserve)
             else:
@@ -291,16 +308,16 @@ def _selection(el: etree._Element, where: Where) -> Selection:
     return Selection(tag, tuple((display(k), v) for k, v in el.attrib.items()), children, line)
 
 
-def _turn(el: etree._Element, inherited: bool, where: Where) -> RoleBlock:
+def _turn(el: etree._Element, inherited: bool, where: Where, marks: dict | None = None) -> RoleBlock:
     """A chat turn; elements inside it are kept as `Foreign` for the checker to refuse."""
     _check_attributes(el, where)
     elements = tuple(Foreign(display(c.tag), c.sourceline) for c in el if isinstance(c.tag, str))
-    return RoleBlock(el.tag, elements or _turn_text(el, inherited), el.sourceline)  # type: ignore[arg-type]
+    return RoleBlock(el.tag, elements or _turn_text(el, inherited, marks), el.sourceline)  # type: ignore[arg-type]
 
 
-def _turn_text(el: etree._Element, inherited: bool) -> tuple[Text, ...]:
+def _turn_text(el: etree._Element, inherited: bool, marks: dict | None = None) -> tuple[Text, ...]:
     """A chat turn's text (the grammar guarantees it holds nothing else)."""
-    runs = [item for item, _, _ in _items(el) if isinstance(item, _Run)]
+    runs = [item for item, _, _ in _items(el, marks) if isinstance(item, _Run)]
     if not runs:
         return ()
     return tuple(_text_nodes(runs[0], True, True, _preserves(el, inherited)))

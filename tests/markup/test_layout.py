@@ -46,7 +46,7 @@ TRIP = """
 NESTED = """
 <schema name="n">
   Hello.
-  <union>
+  <union scaffold="s">
     <module name="s">Scaffold <module name="inner">inner text</module> end of s.</module>
     <module name="m">
       Member one.
@@ -97,15 +97,17 @@ def test_root_starts_with_bos_at_zero():
     assert root.runs[1].start == 1
 
 
-def test_modules_are_consecutive():
+def test_modules_and_the_text_between_them_are_consecutive():
     layout = compile_(FLAT)
     root, a, b = layout.module(ROOT), layout.module("a"), layout.module("b")
     assert a.start == root.runs[1].end
     assert a.token_ids == encode_text(tok(), "The first document talks about the city.")
     assert a.positions == tuple(range(a.start, a.end))
-    assert b.start == a.end and b.end == b.start + n_tokens("Water.")
-    assert root.runs[2].start == b.end
-    assert layout.length == root.runs[2].end == root.end
+    # The line break written between the two modules is root text, like any other.
+    assert root.runs[2].start == a.end and root.runs[2].token_ids == encode_text(tok(), "\n")
+    assert b.start == root.runs[2].end and b.end == b.start + n_tokens("Water.")
+    assert root.runs[3].start == b.end and root.runs[3].token_ids == encode_text(tok(), "\nAnswer now.")
+    assert layout.length == root.runs[3].end == root.end
     assert sorted(all_positions(layout)) == list(range(layout.length)), "no gaps, no overlaps"
     assert root.children == ("a", "b")
 
@@ -116,13 +118,13 @@ def test_union_members_share_a_start_and_the_longest_sets_the_length():
     short, long, mid, after = (layout.module(p) for p in ("short", "long", "mid", "after"))
     assert union.members == ("short", "long", "mid") and union.scaffold == "short"
     assert union.parent == ROOT
-    assert short.start == long.start == mid.start == union.start == layout.module("intro").end
+    assert short.start == long.start == mid.start == union.start == layout.module("intro").end + n_tokens("\n")
     lengths = [n_tokens(t) for t in ("Go by air.", "Go by water, then by air, then walk the long way home.",
                                      "Go by water and air.")]
     assert [len(m.token_ids) for m in (short, long, mid)] == lengths
     assert max(lengths) != lengths[0], "the longest member is not the first"
     assert union.length == max(lengths)
-    assert after.start == union.start + max(lengths)
+    assert after.start == union.start + max(lengths) + n_tokens("\n")
     assert {m.union for m in (short, long, mid)} == {0} and after.union is None
 
 
@@ -133,7 +135,7 @@ def test_parameters_reserve_exactly_their_length():
     assert (slot.module, slot.name, slot.length) == ("trip", "days", 5)
     first, second = trip.runs
     assert slot.start == first.end and second.start == slot.start + 5
-    assert trip.end == second.end and hint.start == trip.end
+    assert trip.end == second.end and hint.start == trip.end + n_tokens("\n")
     assert len(slot.filler) == 5
     # A scaffold text fills the start of its slot; the module's own tokens skip the slot.
     city = hint.slots["city"]
@@ -157,7 +159,7 @@ def test_nested_modules_inside_union_members():
     assert layout.module("m/kid").start == m.runs[1].end
     (outer,) = [u for u in layout.unions if u.parent == ROOT]
     assert outer.length == max(s.end, m.end) - outer.start
-    assert layout.module("after").start == outer.start + outer.length
+    assert layout.module("after").start == outer.start + outer.length + n_tokens("\n")
 
 
 def test_cache_false_is_inherited():
@@ -230,7 +232,7 @@ def test_role_blocks_render_in_the_chat_format():
 def _built_nested():
     b = SchemaBuilder("n")
     b.text("Hello.\n")
-    with b.union():
+    with b.union(scaffold="s"):
         with b.module("s"):
             b.text("Scaffold ")
             with b.module("inner"):
@@ -246,6 +248,7 @@ def _built_nested():
             b.text("\nMember tail.\n")
             with b.module("kid"):
                 b.text("The kid module.")
+    b.text("\n")
     with b.module("after"):
         b.text("After all.")
     return b.build()
@@ -255,6 +258,7 @@ def _built_trip():
     b = SchemaBuilder("trip")
     with b.module("trip"):
         b.text("Plan a trip lasting ").parameter("days", length=5).text(" days.")
+    b.text("\n")
     with b.module("hint"):
         b.text("Plan for ").parameter("city", length=4, scaffold="the city").text(" now.")
     return b.build()

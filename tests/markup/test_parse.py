@@ -28,12 +28,12 @@ def schema_error(xml: str, **kwargs) -> SchemaError:
 
 
 @pytest.mark.parametrize("run, first, last, expected", [
-    ("   \n\t  ", False, False, ""),
+    ("   \n\t  ", False, False, "   \n"),  # between inline elements: kept, minus the indentation
     ("\n    Hello\n  ", True, True, "Hello"),
     ("\n    Hello\n  ", False, False, "\nHello\n"),
     (" days.", False, True, " days."),
     ("lasting ", True, False, "lasting "),
-    ("  a  b  ", False, False, " a  b "),
+    ("  a  b  ", False, False, "  a  b  "),
     ("\n    def f():\n        return 1\n    ", True, True, "def f():\n    return 1"),
     ("\n    x = 1\n\n    y = 2\n", True, False, "x = 1\n\ny = 2\n"),
     ("a\tb", True, True, "a\tb"),
@@ -80,7 +80,7 @@ TRAVEL = """<schema name="travel">
 
 def test_schema_tree_matches_python_built_nodes():
     expected = Schema("travel", (
-        Text("You are a travel planner.\n"),
+        Text("You are a travel planner."),  # whitespace next to a role block is layout
         RoleBlock("system", (Text("Be concise."),)),
         Module("trip", (
             Text("Plan a trip lasting "),
@@ -90,7 +90,8 @@ def test_schema_tree_matches_python_built_nodes():
                    Module("overseas", (Text("Go abroad."), Module("visa", (Text("Visa."),), cache=False)))),
                   scaffold="overseas"),
         )),
-        Module("snippet", (Text('if a < b and c > d: x = "&"'),)),
+        Text("\n"),  # between sibling modules: kept
+        Module("snippet", (Text(' if a < b and c > d: x = "&" '),)),  # CDATA: verbatim
     ))
     assert parse_schema(TRAVEL) == expected
 
@@ -111,7 +112,8 @@ def test_cdata_escapes_and_comments_merge_into_one_text():
 def test_union_without_scaffold_keeps_none_and_parameter_scaffold_kept():
     xml = """<schema name="s"><union><module name="a">A</module><module name="b">B</module></union>
       <module name="m"><parameter name="p" length="3" scaffold="three"/></module></schema>"""
-    union, module = parse_schema(xml).children
+    union, newline, module = parse_schema(xml).children
+    assert newline == Text("\n")
     assert union.scaffold is None and [m.name for m in union.members] == ["a", "b"]
     assert module.children == (Param("p", 3, "three"),)
 
@@ -166,7 +168,7 @@ def test_prompt_tree():
         Selection("trip", (("duration", " 5 days "),), (Selection("overseas", (), (Selection("visa"),)),)),
         Selection("main.py"),
     ), (
-        Text("\nGive me a plan.\n"),
+        Text("Give me a plan."),
         RoleBlock("user", (Text("Also list costs."),)),
         RoleBlock("assistant", (Text("Sure."),)),
         RoleBlock("user", (Text("And food?"),)),
@@ -292,7 +294,7 @@ def test_same_names_in_different_scopes_are_fine():
     xml = """<schema name="t">
       <module name="a"><module name="x"><parameter name="p" length="1"/></module></module>
       <module name="b"><module name="x"/><parameter name="p" length="1"/></module></schema>"""
-    assert len(parse_schema(xml).children) == 2
+    assert [type(n).__name__ for n in parse_schema(xml).children] == ["Module", "Text", "Module"]
 
 
 def test_errors_are_value_errors():
