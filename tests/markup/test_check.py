@@ -175,6 +175,44 @@ def test_a_scaffold_longer_than_its_parameter_is_refused_not_truncated():
     assert info.value.line == 2
 
 
+def random_node(rng: random.Random, depth: int):
+    """A random node, sometimes with a wrong field or of a wrong type."""
+    def pick(good, bad):
+        return rng.choice(bad) if rng.random() < 0.05 else rng.choice(good)
+
+    def kids():
+        nodes = tuple(random_node(rng, depth + 1) for _ in range(rng.choice([0, 1, 2]) if depth < 4 else 0))
+        return pick([nodes], [list(nodes)])
+
+    kind = pick(["text", "param" if depth else "text", "module", "module", "union", "role"], ["junk", "selection"])
+    name = pick([f"n{rng.getrandbits(32)}"], ["", "a/b", None, 7, "user", "x\u200b", "n0"])
+    if kind == "text":
+        return Text(pick(["hi ", "\n"], [None, b"x", "\ud800"]))
+    if kind == "param":
+        return Param(name, pick([1, 3, 8], [0, -1, True, "4", 10**6, 2.0]), pick([None, "a b c d e f"], [5]))
+    if kind == "module":
+        return Module(name, kids(), pick([True, False], ["no", None]))
+    if kind == "union":
+        members = kids()
+        return Union(members, pick([None, getattr(next(iter(members), None), "name", None)], ["zz", 3]))
+    if kind == "role":
+        return RoleBlock(pick(["user", "system", "assistant"], ["tool", None]), kids())
+    return Selection("a") if kind == "selection" else rng.choice([None, 3, "text", (Text("x"),)])
+
+
+def test_random_objects_are_refused_by_name_or_compile_cleanly():
+    rng, tok, compiled = random.Random(7), tiny_tokenizer(), 0
+    for _ in range(400):
+        schema = Schema(rng.choice(["t"] * 9 + [""]), tuple(random_node(rng, 0) for _ in range(3)))
+        try:
+            check_schema(schema)
+            compile_schema(schema, tok, BUILTIN_FORMATS["plain"])  # no IndexError, KeyError, ...
+            compiled += 1
+        except SchemaError:
+            pass
+    assert compiled >= 40
+
+
 # ---- prompts --------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("prompt, phrase", [
