@@ -34,11 +34,12 @@ from ..markup.layout import SchemaLayout, leading_bos
 from ..markup.nodes import Prompt, Schema
 from ..markup.parse import is_pml, parse_prompt
 from ..models.adapter import adapter_for
+from ..models.load import resolve_device
 from ..response_cache import ResponseCache
 from . import checks
 from .decoder import Decoder
 from .generate import SamplingParams, eos_ids
-from .identity import engine_identity
+from .identity import FINGERPRINTS, engine_identity
 from .modules import ModuleRegistry
 from .plain import plain_plan
 from .prefill import CacheSpec, Prefill, prefill_full, prefill_modules, prefill_prefix
@@ -65,6 +66,9 @@ class Engine:
             (default `kv.prefix.DEFAULT_PREFIX_BUDGET_BYTES`, 1 GiB; None: unbounded).
         pool_blocks: idle request caches kept for the next requests (None: 4 on the CPU, where a
             fresh one page-faults; 0 elsewhere, where torch's caching allocator reuses memory).
+        fingerprint: how the weights are hashed into store keys: "full" (every byte, once per
+            engine) or "sampled" (a strided sample; faster on big models, but see
+            `identity.weights_fingerprint`).
         progress: show a progress bar while encoding.
     """
 
@@ -73,8 +77,7 @@ class Engine:
                  host_budget_bytes: int | None = None, ttl_s: float | None = None,
                  store_dir: str | os.PathLike | None = None, response_cache_dir: str | os.PathLike | None = None,
                  prefix_cache: bool = True, prefix_budget_bytes: int | None = DEFAULT_PREFIX_BUDGET_BYTES,
-                 pool_blocks: int | None = None,
-                 progress: bool = True):
+                 pool_blocks: int | None = None, fingerprint: str = "full", progress: bool = True):
         ttl_s = checks.optional_seconds("ttl_s", ttl_s)
         prefix_budget_bytes = checks.optional_count("prefix_budget_bytes", prefix_budget_bytes)
         pool_blocks = checks.optional_count("pool_blocks", pool_blocks)
@@ -82,8 +85,11 @@ class Engine:
         response_cache_dir = checks.optional_dir("response_cache_dir", response_cache_dir)
         checks.flag("prefix_cache", prefix_cache)
         checks.flag("progress", progress)
+        if fingerprint not in FINGERPRINTS:
+            raise PromptError(f"invalid fingerprint={fingerprint!r:.80}: must be one of {', '.join(FINGERPRINTS)}")
+        self.fingerprint = fingerprint
         if device is not None:
-            model = model.to(torch.device(device))
+            model = model.to(resolve_device(device))
         self.model, self.tokenizer = model.eval(), tokenizer
         self.adapter = adapter_for(model)
         self.device = self.adapter.device
@@ -106,7 +112,8 @@ class Engine:
     def identity(self) -> dict[str, str]:
         """Model, weights, config, tokenizer, dtype and chat format, hashed (computed once)."""
         if self._identity is None:
-            self._identity = engine_identity(self.model, self.tokenizer, self.adapter.dtype, self.chat_format)
+            self._identity = engine_identity(self.model, self.tokenizer, self.adapter.dtype, self.chat_format,
+                                             self.fingerprint)
         return self._identity
 
     @classmethod

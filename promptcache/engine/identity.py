@@ -13,25 +13,33 @@ import json
 
 import torch
 
+from ..errors import PromptError
 from ..markup.layout import SchemaLayout
 
-SAMPLE = 4096  # values sampled per parameter tensor for the weights fingerprint
+SAMPLE = 4096  # values sampled per parameter tensor by the opt-in "sampled" fingerprint
+FINGERPRINTS = ("full", "sampled")
 
 
-def weights_fingerprint(model) -> str:
-    """sha256 over every parameter's name, shape, dtype and a strided sample of its values.
+def weights_fingerprint(model, mode: str = "full") -> str:
+    """A hash of every parameter's name, shape, dtype and values.
 
-    NOTE: hashing all weights of a 7B model would take seconds; a strided sample of every tensor
-    tells apart checkpoints and random initialisations alike.
+    mode="full" (the default) hashes every byte of every weight (blake2b, ~1 GB/s on one core;
+    computed once per engine, only when a store or the response cache needs the identity).
+    mode="sampled" hashes a strided sample of each tensor instead: seconds faster on a 7B model, but
+    two checkpoints that differ only off the sample grid get the same fingerprint (and would share
+    stored states): an explicit opt-in for stores that only ever see one model.
     """
-    h = hashlib.sha256()
+    if mode not in FINGERPRINTS:
+        raise PromptError(f"unknown fingerprint mode {mode!r}; valid: {', '.join(FINGERPRINTS)}")
+    h = hashlib.blake2b(digest_size=32)
     with torch.no_grad():
         for name, p in model.named_parameters():
             flat = p.detach().reshape(-1)
-            step = max(1, flat.numel() // SAMPLE)
-            sample = flat[::step][:SAMPLE].float().cpu().contiguous()
-            h.update(f"{name}:{tuple(p.shape)}:{p.dtype}".encode())
-            h.update(sample.numpy().tobytes())
+            if mode == "sampled":
+                flat = flat[:: max(1, flat.numel() // SAMPLE)][:SAMPLE]
+            h.update(f"{name}:{tuple(p.shape)}:{p.dtype}:{mode}".encode())
+            # NOTE: viewed as bytes, so any dtype (bfloat16 too) hashes exactly what is stored
+            h.update(flat.contiguous().cpu().view(torch.uint8).numpy().tobytes())
     return h.hexdigest()
 
 
@@ -42,11 +50,11 @@ def tokenizer_fingerprint(tokenizer) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()
 
 
-def engine_identity(model, tokenizer, dtype: torch.dtype, chat) -> dict[str, str]:
+def engine_identity(model, tokenizer, dtype: torch.dtype, chat, fingerprint: str = "full") -> dict[str, str]:
     cfg = model.config.to_json_string(use_diff=False)
     return {
         "model": str(getattr(model.config, "_name_or_path", "")),
-        "weights": weights_fingerprint(model),
+        "weights": weights_fingerprint(model, fingerprint),
         "config": hashlib.sha256(cfg.encode()).hexdigest(),
         "tokenizer": tokenizer_fingerprint(tokenizer),
         "dtype": str(dtype),

@@ -156,3 +156,31 @@ def test_pin_unknown_module_lists_cached(engine):
         assert name in str(e.value)
     with pytest.raises(PromptError, match="unknown schema"):
         engine.pin("missing", "intro")
+
+
+def _edited_off_grid(arch):
+    """The same tiny model with embedding values changed at indices a strided sample skips."""
+    from promptcache.testing import tiny_model
+
+    model, tok = tiny_model(arch, seed=0)
+    emb = model.get_input_embeddings().weight
+    step = max(1, emb.numel() // 4096)
+    assert step > 1, "the tiny embedding must be larger than the sample for this test to mean anything"
+    with torch.no_grad():
+        emb.view(-1)[1:step * 419:step] += 0.5  # 419 values, none on the sample grid (multiples of step)
+    return model, tok
+
+
+def test_weights_changed_off_the_sample_grid_get_other_keys(arch, tmp_path):
+    first = _engine(arch, tmp_path)
+    first.add_schema(DOCS)
+    model, tok = _edited_off_grid(arch)
+    edited = pc.Engine(model, tok, store_dir=tmp_path, progress=False)
+    assert edited.identity["weights"] != first.identity["weights"]
+    expected = pc.Engine(model, tok, progress=False)
+    expected.add_schema(DOCS)
+    edited.add_schema(DOCS)
+    assert _answer(edited) == _answer(expected)
+    sampled = [pc.Engine(m, t, fingerprint="sampled", progress=False).identity["weights"]
+               for m, t in ((first.model, first.tokenizer), (model, tok))]
+    assert sampled[0] == sampled[1], "the documented limit of the opt-in sampled fingerprint"
