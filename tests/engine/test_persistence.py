@@ -184,3 +184,28 @@ def test_weights_changed_off_the_sample_grid_get_other_keys(arch, tmp_path):
     sampled = [pc.Engine(m, t, fingerprint="sampled", progress=False).identity["weights"]
                for m, t in ((first.model, first.tokenizer), (model, tok))]
     assert sampled[0] == sampled[1], "the documented limit of the opt-in sampled fingerprint"
+
+
+def test_a_full_disk_never_fails_a_request(arch, tmp_path, monkeypatch):
+    import errno
+    import os
+
+    def full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    engine = make_engine(arch, store_dir=tmp_path / "states", response_cache_dir=tmp_path / "responses",
+                         device_budget_bytes=0, host_budget_bytes=0)  # every request re-encodes its modules
+    monkeypatch.setattr(os, "replace", full)
+    engine.add_schema(DOCS)  # encodes, fails to save: the states are still used
+    streamed = list(engine.stream(ALL_DOCS_PROMPT, max_new_tokens=N))
+    answer = engine.generate(ALL_DOCS_PROMPT, max_new_tokens=N)
+    monkeypatch.undo()
+    assert "".join(c.text for c in streamed) == answer.text and streamed[-1].usage is not None
+    assert answer.token_ids == _reference(arch)
+    assert engine.disk.write_failures > 0 and engine.responses.write_failures > 0
+
+
+def _reference(arch) -> tuple[int, ...]:
+    engine = make_engine(arch)
+    engine.add_schema(DOCS)
+    return _answer(engine)
