@@ -32,6 +32,7 @@ from .rules import (
     length_problem,
     line_of,
     name_problem,
+    role_problem,
     show,
     tag_of,
     text_problem,
@@ -187,8 +188,9 @@ class SchemaRules:
                       frame.in_module, line_of(union), members=[], scaffold=union.scaffold)
 
     def _role(self, block: RoleBlock) -> _Frame:
-        if not isinstance(block.role, str) or block.role not in ROLES:
-            self._fail(f"unknown role {show(block.role)}; expected one of {', '.join(ROLES)}", block)
+        problem = role_problem(block.role)
+        if problem:
+            self._fail(problem, block)
         frame = self._place(block.role, block)
         self._children(block.children, f"<{block.role}>", block)
         where = f"<{block.role}>{at_line(line_of(block))}"
@@ -282,8 +284,9 @@ def _turn_problem(node: object) -> str | None:
         return text_problem(node.text, "prompt text")
     if not isinstance(node, RoleBlock):
         return f"a prompt's tail holds Text and RoleBlock turns, not {describe(node)}"
-    if not isinstance(node.role, str) or node.role not in ROLES:
-        return f"unknown role {show(node.role)}; expected one of {', '.join(ROLES)}"
+    problem = role_problem(node.role)
+    if problem:
+        return problem
     if not isinstance(node.children, tuple):
         return f"<{node.role}>: children must be a tuple of Text, got {type(node.children).__name__}"
     for child in node.children:

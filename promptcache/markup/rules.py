@@ -108,6 +108,12 @@ def document_name_problem(value: object) -> str | None:
     return None
 
 
+def role_problem(value: object) -> str | None:
+    if isinstance(value, str) and value in ROLES:
+        return None
+    return f"unknown role {show(value)}; expected one of {', '.join(ROLES)}"
+
+
 def text_problem(value: object, what: str) -> str | None:
     if not isinstance(value, str):
         return f"{what} must be a str, got {type(value).__name__}: {show(value)}"
