@@ -222,7 +222,7 @@ def _preserves(el: etree._Element, inherited: bool) -> bool:
 
 
 class _SchemaBuilder:
-    """Turns a validated `<schema>` tree into nodes, reading `src=` files as it goes."""
+    """Turns a parsed `<schema>` tree into nodes (judged afterwards by `check`), reading `src=` files."""
 
     def __init__(self, doc: Document, base_dir: Path | None, where: Where):
         self.doc, self.base_dir, self.where = doc, base_dir, where
