@@ -2,8 +2,9 @@
 
 Pass 0 runs the whole schema with every union at its scaffold member; each other union member
 runs after the states of everything before its union (a prefix of its parent pass). Members of
-one union share that prefix, so they run as one batch, right-padded: padding sits after every
-real token, so causal attention keeps it out of the real tokens' states.
+one union share that prefix, so they run in batches (right-padded: padding sits after every real
+token, so causal attention keeps it out of the real tokens' states), each at most `BATCH_TOKENS`
+cache slots, so memory stays linear in the schema however many members a union has.
 """
 
 from __future__ import annotations
@@ -20,6 +21,8 @@ from ..markup.layout import EncodePass, SchemaLayout
 from .prefill import run_chunks
 
 logger = logging.getLogger(__name__)
+
+BATCH_TOKENS = 8192  # cache slots one batch of union members may take (bounds encoding memory)
 
 def _needed_passes(layout: SchemaLayout, want: set[str] | None) -> list[int]:
     if want is None:
@@ -48,7 +51,8 @@ def encode_schema(adapter, layout: SchemaLayout, want: set[str] | None = None,
         # a batch runs at one set of positions.
         batchable = p.positions == tuple(range(p.positions[0], p.positions[0] + len(p.positions)))
         groups[(p.parent, p.prefix_len, p.positions[0] if batchable else ("alone", i))].append(i)
-    full: dict[int, KVStates | None] = {}   # each pass's states, prefix included (views)
+    full: dict[int, KVStates | None] = {}   # states of passes others run after, prefix included (views)
+    parents = {layout.passes[i].parent for i in todo}
     pieces: dict[str, list[KVStates]] = defaultdict(list)
     total = sum(len(layout.passes[i].token_ids) for i in todo)
     with tqdm(total=total, desc=f"encoding {layout.name}", unit="tok", disable=not progress,
@@ -59,16 +63,29 @@ def encode_schema(adapter, layout: SchemaLayout, want: set[str] | None = None,
             if not layout.passes[members[0]].token_ids:
                 full[members[0]] = prefix  # nested unions inside an empty member see just its prefix
                 continue
-            for i, states in zip(members, _run_group(adapter, layout, members, prefix)):
-                full[i] = states
-                _collect(layout.passes[i], states.slice(prefix_len, len(states)), pieces)
-                bar.update(len(layout.passes[i].token_ids))
+            for batch in _batches(layout, members, prefix_len):
+                for i, states in zip(batch, _run_group(adapter, layout, batch, prefix)):
+                    if i in parents:  # a nested union runs after this pass: keep its states (views)
+                        full[i] = states
+                    _collect(layout.passes[i], states.slice(prefix_len, len(states)), pieces)
+                    bar.update(len(layout.passes[i].token_ids))
     out = {}
     for path, parts in pieces.items():
         if layout.modules[path].cache and (want is None or path in want):
-            out[path] = KVStates.concat(parts)  # a compact copy: never keeps a pass buffer alive
+            out[path] = parts[0] if len(parts) == 1 else KVStates.concat(parts)
     logger.info("encoded schema %s: %d passes, %d tokens, %d modules", layout.name, len(todo), total, len(out))
     return out
+
+
+def _batches(layout: SchemaLayout, members: list[int], prefix_len: int) -> list[list[int]]:
+    """Members in batches of at most BATCH_TOKENS cache slots (rows x (prefix + widest)), at least one each.
+
+    Every row holds a copy of the shared prefix: one batch of all members would take memory
+    proportional to members x prefix (400 one-token members after 1,000 tokens: 400k slots).
+    """
+    width = max(len(layout.passes[i].token_ids) for i in members)
+    rows = max(1, BATCH_TOKENS // (prefix_len + width))
+    return [members[a:a + rows] for a in range(0, len(members), rows)]
 
 
 def _collect(p: EncodePass, own: KVStates, pieces: dict[str, list[KVStates]]) -> None:
@@ -77,7 +94,8 @@ def _collect(p: EncodePass, own: KVStates, pieces: dict[str, list[KVStates]]) ->
     for j in range(1, len(p.owners) + 1):
         if j == len(p.owners) or p.owners[j] != p.owners[start]:
             if p.owners[start] is not None:
-                pieces[p.owners[start]].append(own.slice(start, j))
+                # a compact copy at once: never keeps a batch's cache (prefix copies) alive
+                pieces[p.owners[start]].append(KVStates.concat([own.slice(start, j)]))
             start = j
 
 
