@@ -172,6 +172,10 @@ class ModuleRegistry:
         found = {}
         for path in sorted(paths) if self.disk is not None else ():
             states = self.disk.load(self._disk_key(version, path), device=self.adapter.device)
+            if states is not None and not _matches(states, version.layout.modules[path]):
+                logger.warning("ignoring stored states of %s/%s: their tokens or positions are not the "
+                               "module's", version.name, path)
+                states = None
             if states is not None:
                 if self._live(version):  # NOTE: a small budget may evict it from the store right away
                     self.store.put(version.key(path), states)
@@ -212,3 +216,9 @@ class ModuleRegistry:
     def tier(self, schema: str, module: str) -> str | None:
         """"device", "host", or None when the module's states are not in memory."""
         return self.store.tier_of(self.cached_module(schema, module).key(module))
+
+
+def _matches(states: KVStates, module) -> bool:
+    """Whether loaded states are exactly the module's tokens at its positions (and one per layer)."""
+    return (tuple(states.token_ids) == tuple(module.token_ids)
+            and states.positions.tolist() == list(module.positions))

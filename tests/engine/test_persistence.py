@@ -209,3 +209,26 @@ def _reference(arch) -> tuple[int, ...]:
     engine = make_engine(arch)
     engine.add_schema(DOCS)
     return _answer(engine)
+
+
+def test_stored_states_that_are_not_the_module_are_a_miss(arch, tmp_path):
+    """A file under the right key holding another module's states (a bug, or a hand-copied file) is not used."""
+    first = _engine(arch, tmp_path)
+    first.add_schema(DOCS)
+    files = {p.name: p for p in tmp_path.rglob("*") if p.is_file()}
+    wrong = first.module_states("docs", "notes")
+    for path in files.values():  # every file now holds the notes module's states, with valid checksums
+        first.disk.save(_key_of(first, path), wrong)
+    second = _engine(arch, tmp_path)
+    second.add_schema(DOCS)
+    assert _answer(second) == _answer(make_engine_with_docs(arch))
+
+
+def _key_of(engine, path):
+    return next(k for k in engine.disk.keys() if engine.disk.path(k) == path)
+
+
+def make_engine_with_docs(arch):
+    engine = make_engine(arch)
+    engine.add_schema(DOCS)
+    return engine
