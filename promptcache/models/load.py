@@ -15,7 +15,6 @@ timeout, so that a machine without network fails in about a second, not after a 
 from __future__ import annotations
 
 import contextlib
-import importlib.metadata
 import importlib.util
 import logging
 import os
@@ -162,7 +161,7 @@ def builtin_gguf(name: str) -> Path:
     if name not in BUILTIN_MODELS:
         raise PromptError(f"unknown built-in model '{name}'; valid: {', '.join(BUILTIN_MODELS)}")
     spec = BUILTIN_MODELS[name]
-    path = _package_file(spec.module, spec.distribution, spec.filename)
+    path = _package_file(spec.module, spec.filename)
     if path is None:
         raise PromptCacheError(f"model '{name}' needs the {spec.distribution} package, which is not installed; "
                                f"install it with: {spec.install_command}")
@@ -350,22 +349,13 @@ def _check_hub(repo_id: str, tried: str) -> None:
                           "checkpoint directory, a .gguf file or a built-in name") from e
 
 
-def _package_file(module: str, distribution: str, filename: str) -> Path | None:
-    """A data file of an installed package, found without importing the package."""
+def _package_file(module: str, filename: str) -> Path | None:
+    """A data file of an installed package, found without importing the package (its imports may fail)."""
     try:
         spec = importlib.util.find_spec(module)
     except (ImportError, ValueError):
-        spec = None
+        return None
     for folder in (spec.submodule_search_locations or []) if spec is not None else []:
         if (Path(folder) / filename).is_file():
             return Path(folder) / filename
-    try:
-        files = importlib.metadata.distribution(distribution).files or []
-    except importlib.metadata.PackageNotFoundError:
-        return None
-    for file in files:
-        if file.name == filename:
-            path = Path(file.locate())
-            if path.is_file():
-                return path
     return None
