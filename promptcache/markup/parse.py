@@ -103,7 +103,8 @@ def parse_schema(source: str | os.PathLike, *, base_dir: str | os.PathLike | Non
         source: XML text (a `str` starting with "<") or a path to a file.
         base_dir: the only directory `src=` files may come from. Defaults to the schema file's
             directory; for XML text without it, any `src=` is refused.
-        max_bytes: largest document accepted, checked before parsing.
+        max_bytes: largest document accepted, checked before parsing; the document and every
+            `src=` file it reads count against it together (each file is read once per mention).
 
     Raises:
         SchemaError: malformed, hostile or invalid document, with line and column when known.
@@ -112,6 +113,7 @@ def parse_schema(source: str | os.PathLike, *, base_dir: str | os.PathLike | Non
     if base_dir is None and doc.path is not None:
         base_dir = doc.path.parent
     build = _SchemaBuilder(doc, Path(base_dir) if base_dir is not None else None, where)
+    build.budget = BudgetLeft(max_bytes, max_bytes - len(doc.text.encode("utf-8", "surrogatepass")))
     build.marks = verbatim_marks(doc.text, root)
     children = build.children(root, _preserves(root, False))
     schema = Schema(root.get("name"), children, source=str(doc.path) if doc.path else None)
@@ -221,12 +223,21 @@ def _preserves(el: etree._Element, inherited: bool) -> bool:
 # ---- schema documents ------------------------------------------------------------------------
 
 
+@dataclass
+class BudgetLeft:
+    """Bytes a schema may still read: the document and its `src=` files share `total`."""
+
+    total: int
+    left: int
+
+
 class _SchemaBuilder:
     """Turns a parsed `<schema>` tree into nodes (judged afterwards by `check`), reading `src=` files."""
 
     def __init__(self, doc: Document, base_dir: Path | None, where: Where):
         self.doc, self.base_dir, self.where = doc, base_dir, where
         self.marks: dict | None = None  # whitespace.verbatim_marks of the document
+        self.budget = BudgetLeft(1 << 62, 1 << 62)  # bytes `src=` files may still add (parse_schema sets it)
 
     def children(self, el: etree._Element, preserve: bool) -> tuple[Node, ...]:
         nodes: list[Node] = []
@@ -289,7 +300,16 @@ class _SchemaBuilder:
         if not inside:
             raise SchemaError(f"{what} resolves outside the allowed directory {str(self.base_dir)!r}",
                               line, source=self.doc.name)
-        text = read_text_file(Path(real), SRC_MAX_BYTES, what=what, source=self.doc.name, line=line)
+        limit = min(SRC_MAX_BYTES, self.budget.left)
+        try:
+            text = read_text_file(Path(real), limit, what=what, source=self.doc.name, line=line)
+        except SchemaError as e:
+            if limit == SRC_MAX_BYTES:
+                raise
+            raise SchemaError(f"{what} would take the schema and its src= files past max_bytes="
+                              f"{self.budget.total} ({self.budget.left} bytes were left)", line,
+                              source=self.doc.name) from e
+        self.budget.left -= len(text.encode("utf-8"))
         # NOTE: a file is one run; no dedent, so code keeps every inner space exactly.
         text = text if preserve else text.strip(_WS)
         return (Text(text, line),) if text else ()

@@ -176,3 +176,15 @@ def test_huge_max_new_tokens_is_capped_by_the_context_window(small):
 def test_bad_engine_options_are_named(kwargs, culprit):
     with pytest.raises(PromptError, match=culprit):
         make_engine("llama", **kwargs)
+
+
+def test_text_that_cannot_fit_is_refused_before_tokenizing(small, monkeypatch):
+    from promptcache.engine import modules
+
+    def no_tokenizing(*args, **kwargs):
+        raise AssertionError("tokenized a schema that could never fit")
+
+    monkeypatch.setattr(modules, "compile_schema", no_tokenizing)
+    text = "x" * (256 * 64 + 1)  # the small engine's window is 64 positions
+    with pytest.raises(PromptError, match="context window of 64"):
+        small.add_schema(f'<schema name="big"><module name="m">{text}</module></schema>')

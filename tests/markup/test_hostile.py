@@ -242,3 +242,12 @@ def test_declared_encoding_is_overridden_by_utf8(encoding, tmp_path):
     assert parse_schema(doc).name == "café"
     (tmp_path / "s.xml").write_text(doc, encoding="utf-8")
     assert parse_schema(tmp_path / "s.xml").name == "café"
+
+
+def test_src_files_count_against_the_schema_size_limit(tmp_path):
+    (tmp_path / "big.txt").write_text("word " * 300)  # 1,500 bytes, read once per mention
+    mods = "".join(f'<module name="m{i}" src="big.txt"/>' for i in range(3))
+    doc = f'<schema name="s">{mods}</schema>'
+    parse.parse_schema(doc, base_dir=tmp_path, max_bytes=5000)  # 3 x 1,500 + the document fit
+    with pytest.raises(SchemaError, match="max_bytes=4000"):
+        parse.parse_schema(doc, base_dir=tmp_path, max_bytes=4000)
