@@ -85,22 +85,26 @@ class Decoder:
         if self._pending is not None:
             self.feed_pending()
         if len(self.tracker.ids) >= self.budget:
-            self.finish_reason = "length"
+            self._finish("length")
             return None
         token = self.picker(self.logits, self.history[:, : self.n_history])
         self.history[0, self.n_history] = token
         self.n_history += 1
         if token in self.stop_ids:
-            self.finish_reason = "stop"
+            self._finish("stop")
             return None
         self.tracker.add(token)
         if self.tracker.stopped:
-            self.finish_reason = "stop"
+            self._finish("stop")
         elif len(self.tracker.ids) >= self.budget:
-            self.finish_reason = "length"
+            self._finish("length")
         else:
             self._pending = token
         return token
+
+    def _finish(self, reason: str) -> None:
+        self.finish_reason = reason
+        self.tracker.finish()
 
     def delta(self) -> str:
         """New text safe to stream (all that is left once finished)."""

@@ -6,6 +6,7 @@ Sampling maths comes from transformers' logits processors; each request has its 
 
 from __future__ import annotations
 
+import logging
 import math
 import numbers
 import re
@@ -21,6 +22,8 @@ from transformers import (
 )
 
 from ..errors import PromptError
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -162,7 +165,18 @@ class TextTracker:
     Held back: text that could still become a stop string, an unfinished UTF-8 character, and the
     text of a trailing run of byte-fallback tokens ("<0x74>"): SentencePiece decodes a run of bytes
     together, so "t" from <0x74> turns into "\ufffd\ufffd" when an invalid <0xF0> follows.
+
+    Incremental: a decode joins pieces with rules that only look a few tokens back (a merged run of
+    byte tokens, a leading space stripped or kept, spaces cleaned up around punctuation). So each
+    `add` decodes a window, not every id again: the ids from `_ctx` on, where `_ctx` is `CONTEXT`
+    tokens (and any byte run) before the *seam*; the text of the ids before the seam is final. The
+    seam follows the end every `WINDOW` tokens, once a decode of the new window agrees with the
+    text so far. A window whose decode disagrees with the text before it falls back to one full
+    decode; `finish` compares the text with a full decode once, at the end.
     """
+
+    CONTEXT = 4   # ids decoded before the seam, so the joining rules see what precedes it
+    WINDOW = 32   # ids past the seam before it moves up
 
     def __init__(self, tokenizer, stop: tuple[str, ...]):
         self.tok, self.stop = tokenizer, stop
@@ -170,28 +184,74 @@ class TextTracker:
         self.ids: list[int] = []
         self.text, self.emitted, self.stopped = "", 0, False
         self.run_start = 0  # where the trailing run of byte tokens starts (len(ids) when there is none)
+        self._byte: list[bool] = []
+        self._seam = self._seam_chars = self._ctx = 0  # text[:_seam_chars] is the final text of ids[:_seam]
+        self._ctx_text = ""  # the decode of ids[_ctx:_seam]
 
     def add(self, token_id: int) -> None:
         self.ids.append(token_id)
-        if not _BYTE_PIECE.fullmatch(str(self.tok.convert_ids_to_tokens(token_id))):
+        self._byte.append(bool(_BYTE_PIECE.fullmatch(str(self.tok.convert_ids_to_tokens(token_id)))))
+        if not self._byte[-1]:
             self.run_start = len(self.ids)
-        self.text = self.tok.decode(self.ids, skip_special_tokens=True)
-        hits = [i for i in (self.text.find(s, max(0, self.emitted - self.hold)) for s in self.stop) if i >= 0]
-        if hits:
-            self.text, self.stopped = self.text[: min(hits)], True
+        window = self._decode(self._ctx)
+        if window.startswith(self._ctx_text):
+            self.text = self.text[: self._seam_chars] + window[len(self._ctx_text):]
+        else:  # the joining rules reached past the context: start over from a full decode
+            self._seam = self._seam_chars = self._ctx = 0
+            self._ctx_text, self.text = "", self._decode(0)
+        self._find_stop(max(0, max(self.emitted, self._seam_chars) - self.hold))
+        if not self.stopped and len(self.ids) - self._seam >= self.WINDOW:
+            self._move_seam()
+
+    def finish(self) -> None:
+        """Check the text against one full decode of every id (kept, with a warning, if they differ)."""
+        full = self._decode(0)
+        if full.startswith(self.text) if self.stopped else full == self.text:
+            return
+        logger.warning("incremental detokenization disagreed with a full decode; using the full decode")
+        self.text, self.stopped = full, False
+        self._find_stop(0)
 
     def delta(self, final: bool) -> str:
         end = len(self.text)
         if not final:
             end -= self.hold
             if self.run_start < len(self.ids):
-                end = min(end, len(self.tok.decode(self.ids[: self.run_start], skip_special_tokens=True)))
+                end = min(end, self._length_before(self.run_start))
             while end > self.emitted and self.text[end - 1] == "\ufffd":
                 end -= 1
         if end <= self.emitted:
             return ""
         out, self.emitted = self.text[self.emitted:end], end
         return out
+
+    def _decode(self, start: int, stop: int | None = None) -> str:
+        return self.tok.decode(self.ids[start:stop], skip_special_tokens=True)
+
+    def _find_stop(self, start: int) -> None:
+        hits = [i for i in (self.text.find(s, start) for s in self.stop) if i >= 0]
+        if hits:
+            self.text, self.stopped = self.text[: min(hits)], True
+
+    def _length_before(self, index: int) -> int:
+        """len(decode(ids[:index])) for index >= the seam, from a window decode when it agrees."""
+        window = self._decode(self._ctx, index)
+        if window.startswith(self._ctx_text):
+            return self._seam_chars + len(window) - len(self._ctx_text)
+        return len(self._decode(0, index))
+
+    def _move_seam(self) -> None:
+        """Put the seam before the last id (and its byte run) if a fresh window decode agrees with the text."""
+        seam = min(self.run_start, len(self.ids)) - 1
+        if seam <= self._seam:
+            return
+        ctx = max(0, seam - self.CONTEXT)
+        while ctx > 0 and self._byte[ctx]:
+            ctx -= 1
+        ctx_text, window = self._decode(ctx, seam), self._decode(ctx)
+        tail = window[len(ctx_text):]
+        if window.startswith(ctx_text) and self.text.endswith(tail) and len(tail) <= len(self.text):
+            self._seam, self._seam_chars, self._ctx, self._ctx_text = seam, len(self.text) - len(tail), ctx, ctx_text
 
 
 def eos_ids(model, tokenizer) -> set[int]:
