@@ -1,9 +1,9 @@
 """The HTTP layer: a threaded stdlib server, routing, auth, body limits, JSON and server-sent events.
 
 One thread per connection (HTTP/1.1 keep-alive), at most `max_connections` of them; the `Gate`
-bounds how many generate at once. A thread that streams owns its generation: when a write to a
-departed client fails, or the socket reads as closed between tokens, the thread closes the stream,
-which stops generation and frees the request's cache.
+bounds how many generate at once. A connection's thread owns its generation: when a streamed
+write to a departed client fails, or (not streaming) the socket reads as closed between tokens,
+the thread closes the engine's stream, which stops generation and frees the request's cache.
 
     POST /v1/chat/completions    POST /v1/completions    GET /v1/models[/{id}]
     POST /v1/schemas (PML body)  GET /v1/schemas[/{name}]  DELETE /v1/schemas/{name}
@@ -155,7 +155,7 @@ class Handler(BaseHTTPRequestHandler):
         request = self.service.parse(self._read_json(), kind)
         if not request.stream:
             return self._send_json(200, self.service.complete(request, self._client_gone))
-        events = self.service.stream(request, self._client_gone)
+        events = self.service.stream(request)  # a departed client makes a write fail
         try:
             first = next(events)  # the first token exists: errors before this point are plain answers
             self.send_response(200)

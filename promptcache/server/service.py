@@ -3,8 +3,10 @@
 The HTTP layer (`server.http`) decodes a request, calls one method here and writes what it
 returns; errors come out as `ApiError`s (or the library's `PromptCacheError`s, which it answers
 with 400). Generation always runs through `engine.stream` under a run slot of the `Gate`, so that
-a client that goes away (checked between tokens through `gone`) stops its generation and frees its
-request cache: the stream is closed, which the engine turns into releasing the cache.
+a client that goes away stops its generation and frees its request cache: the stream is closed,
+which the engine turns into releasing the cache. A streamed request notices through its writes
+(the HTTP layer closes it when one fails); a non-streamed one, which writes nothing until the end,
+polls `gone` between tokens.
 """
 
 from __future__ import annotations
@@ -110,12 +112,12 @@ class Service:
             chunks.close()
         raise AssertionError("a stream always ends with a usage chunk")  # pragma: no cover
 
-    def stream(self, request: GenerationRequest, gone: Callable[[], bool]) -> Iterator[dict]:
+    def stream(self, request: GenerationRequest) -> Iterator[dict]:
         """The answer as OpenAI stream chunks. The first is produced only once the first token is
         (so that a bad prompt is still a plain 400); closing the iterator stops generation."""
         shape = ResponseShape(request.kind, request.model)
         usage = request.include_usage
-        chunks = self._chunks(request, gone)
+        chunks = self._chunks(request)
         try:
             first = next(chunks)
             if request.kind == "chat":
@@ -130,14 +132,14 @@ class Service:
         finally:
             chunks.close()
 
-    def _chunks(self, request: GenerationRequest, gone: Callable[[], bool]) -> Iterator[Chunk]:
+    def _chunks(self, request: GenerationRequest, gone: Callable[[], bool] | None = None) -> Iterator[Chunk]:
         """`engine.stream` under a run slot; the engine's stream is closed on any exit."""
         with self._admit() as queued_s:
             chunks = self.engine.stream(request.prompt, request.params, enable_cache=self.config.enable_cache,
                                         namespace=request.namespace)
             try:
                 for chunk in chunks:
-                    if gone():
+                    if gone is not None and gone():
                         self.metrics.cancelled()
                         raise ClientGone()
                     if self.aborting.is_set():

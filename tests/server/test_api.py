@@ -290,3 +290,22 @@ def test_malformed_http_gets_the_envelope(server):
     head, _, body = raw.partition(b"\r\n\r\n")
     assert head.startswith(b"HTTP/1.1 501") and json.loads(body)["error"]["message"]
 
+
+
+def test_an_unread_body_is_never_taken_for_the_next_request(server):
+    """A request refused before its body is read (here: no key) must not leave the body on the
+    connection, where a keep-alive server would parse it as a second request (smuggling)."""
+    smuggled = f"GET /v1/models HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {KEY}\r\n\r\n".encode()
+    head = (f"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+            f"Content-Length: {len(smuggled)}\r\n\r\n").encode()
+    conn = server.connection(timeout=10)
+    conn.connect()
+    conn.sock.sendall(head + smuggled)
+    raw = b""
+    try:
+        while chunk := conn.sock.recv(65536):
+            raw += chunk
+    except TimeoutError:  # the connection stayed open: a second answer may have come
+        pass
+    conn.close()
+    assert raw.startswith(b"HTTP/1.1 401") and raw.count(b"HTTP/1.1 ") == 1, raw[:300]
