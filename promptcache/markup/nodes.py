@@ -58,7 +58,8 @@ class Module:
 @dataclass(frozen=True)
 class Union:
     """Mutually exclusive modules sharing one start position. `scaffold` names the member that is
-    encoded as the context for what follows the union (default: the first member)."""
+    encoded as the context for what follows the union (default: the longest member, the first of
+    equals, so that selecting it leaves no position gap)."""
 
     members: tuple[Module, ...]
     scaffold: str | None = None
