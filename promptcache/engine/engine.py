@@ -43,6 +43,7 @@ from .identity import FINGERPRINTS, engine_identity
 from .modules import ModuleRegistry
 from .plain import plain_plan
 from .prefill import CacheSpec, Prefill, prefill_full, prefill_modules, prefill_prefix
+from .recompute import DEFAULT_RECOMPUTE, Recompute, plan_blend, recompute_policy
 from .request import RequestPlan, make_plan
 from .usage import Chunk, Completion, Usage
 
@@ -70,6 +71,9 @@ class Engine:
             engine) or "sampled" (a strided sample; faster on big models, but see
             `identity.weights_fingerprint`).
         progress: show a progress bar while encoding.
+        recompute: for PML prompts whose spliced states are stale (skipped modules, another union
+            member, arguments), the fraction of spliced tokens to recompute, 0..1 (a float, or a
+            `recompute.Recompute`); 0 splices them as stored. A request may override it.
     """
 
     def __init__(self, model, tokenizer, *, device: str | torch.device | None = None,
@@ -77,7 +81,8 @@ class Engine:
                  host_budget_bytes: int | None = None, ttl_s: float | None = None,
                  store_dir: str | os.PathLike | None = None, response_cache_dir: str | os.PathLike | None = None,
                  prefix_cache: bool = True, prefix_budget_bytes: int | None = DEFAULT_PREFIX_BUDGET_BYTES,
-                 pool_blocks: int | None = None, fingerprint: str = "full", progress: bool = True):
+                 pool_blocks: int | None = None, fingerprint: str = "full", progress: bool = True,
+                 recompute: float | Recompute = DEFAULT_RECOMPUTE):
         ttl_s = checks.optional_seconds("ttl_s", ttl_s)
         prefix_budget_bytes = checks.optional_count("prefix_budget_bytes", prefix_budget_bytes)
         pool_blocks = checks.optional_count("pool_blocks", pool_blocks)
@@ -88,6 +93,7 @@ class Engine:
         if fingerprint not in FINGERPRINTS:
             raise PromptError(f"invalid fingerprint={fingerprint!r:.80}: must be one of {', '.join(FINGERPRINTS)}")
         self.fingerprint = fingerprint
+        self.recompute = recompute_policy(recompute)  # None: splice stale states as stored
         if device is not None:
             model = model.to(resolve_device(device))
         self.model, self.tokenizer = model.eval(), tokenizer
@@ -197,11 +203,14 @@ class Engine:
                               f"got {type(prompt).__name__}")
         return make_plan(tokens, source, version, namespace, self.adapter.max_positions)
 
-    def prefill(self, plan: RequestPlan, max_new_tokens: int = 1) -> Prefill:
+    def prefill(self, plan: RequestPlan, max_new_tokens: int = 1,
+                recompute: float | Recompute | None = None) -> Prefill:
         """Fill a request cache for `plan` (room for `max_new_tokens` more) and compute the first logits.
 
+        `recompute` overrides the engine's `recompute` for this request (None: the engine's).
         Close the result (or use it in a `with` block) when done: its cache goes back to the pool.
         """
+        policy = self._recompute_policy(recompute)
         spec = CacheSpec(self._new_cache, self.device, plan.capacity(max_new_tokens))
         tokens = plan.tokens
         if plan.source == "none":
@@ -212,8 +221,9 @@ class Engine:
                 parts = _first_tokens(match.states, min(match.length, len(tokens.token_ids) - 1))
                 return self._pooled(prefill_prefix(self.adapter, spec, tokens.token_ids, parts))
         checkout = self.modules.checkout(plan.schema, tokens.cached)
+        blend = plan_blend(policy, plan.schema, tokens, list(checkout.states), self.adapter)
         pre = prefill_modules(self.adapter, spec, list(checkout.states), tokens.new_token_ids,
-                              tokens.new_positions, plan.end)
+                              tokens.new_positions, plan.end, recompute=blend)
         pre.written_tokens, pre.modules_written = checkout.written_tokens, checkout.written
         pre.modules_hit = tuple(p for p in tokens.cached if p not in checkout.written)
         return self._pooled(pre)
@@ -229,7 +239,8 @@ class Engine:
     # ---- requests: the whole --------------------------------------------------------------
 
     def generate(self, prompt: str | Prompt | Sequence[dict], sampling: SamplingParams | None = None, *,
-                 enable_cache: bool = True, namespace: str = "", **kwargs) -> Completion:
+                 enable_cache: bool = True, namespace: str = "", recompute: float | Recompute | None = None,
+                 **kwargs) -> Completion:
         """Complete a prompt: PML text or a `Prompt` (module splicing), plain text, or chat messages
         `[{"role", "content"}]` (automatic prefix reuse).
 
@@ -238,21 +249,23 @@ class Engine:
                 stop, seed, repetition_penalty, stop_token_ids, ignore_eos) override its fields.
             enable_cache: False computes every prompt token (the exactness baseline).
             namespace: keeps one tenant's prefixes and cached responses from another's.
+            recompute: this request's fraction of stale spliced tokens to recompute (None: the engine's).
         """
         params = SamplingParams.merge(sampling, **kwargs)
-        for item in self._run(prompt, params, enable_cache, namespace, stream=False):
+        for item in self._run(prompt, params, enable_cache, namespace, stream=False, recompute=recompute):
             if isinstance(item, Completion):
                 return item
         raise AssertionError("a request always ends with a Completion")  # pragma: no cover
 
     def stream(self, prompt: str | Prompt | Sequence[dict], sampling: SamplingParams | None = None, *,
-               enable_cache: bool = True, namespace: str = "", **kwargs) -> Iterator[Chunk]:
+               enable_cache: bool = True, namespace: str = "", recompute: float | Recompute | None = None,
+               **kwargs) -> Iterator[Chunk]:
         """Like `generate`, yielding text deltas; the last chunk carries usage and finish_reason.
 
         Closing the iterator early (a client that went away) stops generation and frees the cache.
         """
         params = SamplingParams.merge(sampling, **kwargs)
-        for item in self._run(prompt, params, enable_cache, namespace, stream=True):
+        for item in self._run(prompt, params, enable_cache, namespace, stream=True, recompute=recompute):
             if isinstance(item, Completion):
                 yield Chunk("", item.usage, item.finish_reason)
             elif item:
@@ -265,16 +278,17 @@ class Engine:
         return Conversation(self, system, namespace)
 
     def _run(self, prompt, params: SamplingParams, enable_cache: bool, namespace: str,
-             stream: bool) -> Iterator[str | Completion]:
+             stream: bool, recompute: float | Recompute | None = None) -> Iterator[str | Completion]:
         t0 = time.perf_counter()
+        policy = self._recompute_policy(recompute)
         plan = self.plan(prompt, enable_cache=enable_cache, namespace=namespace)
-        rkey = self._response_key(plan, params)
+        rkey = self._response_key(plan, params, policy)
         if rkey is not None and (hit := self._cached_response(rkey, t0)) is not None:
             yield hit.text
             yield hit
             return
         ttft = None
-        with self.prefill(plan, params.max_new_tokens) as pre:
+        with self.prefill(plan, params.max_new_tokens, recompute=policy or 0.0) as pre:
             decoder = self.decoder(plan, pre, params)
             while not decoder.finished:
                 if decoder.step() is not None and ttft is None:
@@ -284,7 +298,8 @@ class Engine:
             written = self._remember_prefix(plan, pre, decoder)
         total = time.perf_counter() - t0
         usage = Usage(len(plan.token_ids), pre.cached_tokens, pre.written_tokens + written, len(decoder.token_ids),
-                      ttft or total, total, pre.modules_hit, pre.modules_written)
+                      ttft or total, total, pre.modules_hit, pre.modules_written,
+                      recomputed_tokens=pre.recomputed_tokens)
         out = Completion(decoder.text, tuple(decoder.token_ids), usage, decoder.finish_reason)
         if rkey is not None:
             self.responses.put(rkey, {"text": out.text, "token_ids": list(out.token_ids),
@@ -303,7 +318,8 @@ class Engine:
 
     # ---- response cache --------------------------------------------------------------------
 
-    def _response_key(self, plan: RequestPlan, params: SamplingParams) -> str | None:
+    def _response_key(self, plan: RequestPlan, params: SamplingParams, policy: Recompute | None = None,
+                      ) -> str | None:
         """Key on everything the answer depends on: the model, the exact tokens fed and how."""
         if self.responses is None or not params.deterministic:
             return None
@@ -312,7 +328,8 @@ class Engine:
                           token_ids=list(plan.token_ids), positions=list(plan.tokens.positions),
                           new_positions=list(plan.tokens.new_positions) if plan.source == "modules" else [],
                           modules=contexts, stop=list(plan.tokens.stop), params=params.key(),
-                          namespace=plan.namespace)
+                          namespace=plan.namespace,
+                          recompute=repr(policy) if policy is not None and plan.source == "modules" else None)
 
     def _cached_response(self, key: str, t0: float) -> Completion | None:
         hit = self.responses.get(key)
@@ -335,6 +352,10 @@ class Engine:
         kv_heads, head_dim = self.adapter.kv_geometry
         return request_cache(parts, capacity, num_layers=self.adapter.num_layers, kv_heads=kv_heads,
                              head_dim=head_dim, device=self.device, dtype=self.adapter.dtype, pool=self.pool)
+
+    def _recompute_policy(self, value: float | Recompute | None) -> Recompute | None:
+        """A request's recompute policy: the engine's when `value` is None (PromptError when invalid)."""
+        return self.recompute if value is None else recompute_policy(value)
 
     def _pooled(self, pre: Prefill) -> Prefill:
         pre.release = self.pool.give

@@ -38,6 +38,7 @@ class Prefill:
         cached_tokens: prompt tokens whose states were read from a cache.
         written_tokens: prompt tokens whose states this request encoded and stored.
         modules_hit / modules_written: PML modules spliced from the store / (re-)encoded now.
+        recomputed_tokens: spliced tokens whose stale states were recomputed (`engine.recompute`).
     """
 
     cache: RequestCache
@@ -50,6 +51,7 @@ class Prefill:
     written_tokens: int = 0
     modules_hit: tuple[str, ...] = ()
     modules_written: tuple[str, ...] = ()
+    recomputed_tokens: int = 0
     release: Callable[[torch.Tensor], None] | None = field(default=None, repr=False)
 
     def close(self) -> None:
@@ -116,12 +118,16 @@ def prefill_prefix(adapter, spec: CacheSpec, token_ids: Sequence[int], prefix: S
 
 
 def prefill_modules(adapter, spec: CacheSpec, parts: list[KVStates], new_ids: Sequence[int],
-                    new_positions: Sequence[int], next_position: int) -> Prefill:
+                    new_positions: Sequence[int], next_position: int, recompute=None) -> Prefill:
     """PML prompts: `parts` (stored module states) spliced, `new_ids` computed at `new_positions`.
+
+    `recompute`: a `recompute.Blend` (stale states to repair, gaps to close) that runs instead.
 
     The prompt's last token (highest position) must be computed: its logits start the answer. It
     may sit inside a module (the root's text can follow a module); that part is split around it.
     """
+    if recompute is not None:
+        return recompute.prefill(adapter, spec, parts)
     parts, new_ids, new_positions = _compute_last_token(parts, list(new_ids), list(new_positions))
     cache = spec.new_cache(parts, spec.capacity)
     past = cache.spliced_positions

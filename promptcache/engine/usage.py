@@ -9,6 +9,9 @@ Usage semantics:
 - modules_hit: for PML prompts, the modules whose stored states were spliced;
   modules_written: those (re-)encoded by this request (evicted or never encoded).
 - response_cached: the whole completion came from the response cache (nothing was computed).
+- recomputed_tokens: for PML prompts, spliced tokens whose states were stale (their module was
+  encoded in another context than the prompt's) and were recomputed (`Engine(recompute=)`); they
+  are not among cached_tokens.
 """
 
 from __future__ import annotations
@@ -27,6 +30,7 @@ class Usage:
     modules_hit: tuple[str, ...] = ()
     modules_written: tuple[str, ...] = ()
     response_cached: bool = False
+    recomputed_tokens: int = 0
 
     def to_dict(self) -> dict:
         return asdict(self)

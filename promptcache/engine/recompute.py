@@ -1,0 +1,344 @@
+"""Selective recompute: repair spliced states whose context changed, for a fraction of the cost.
+
+A module's states are exact only in the context they were encoded in: the schema's tokens before
+it, at the schema's positions. A prompt that skips a module, picks a non-scaffold union member or
+passes an argument other than the filler changes that context for everything after the change:
+
+    schema (encoded)   [root][a][b][union: detailed][trip(filler)][c]
+    prompt             [root][a]   [union: brief]   [trip(arg)]   [c][question]
+    full prefill       0 ........ contiguous positions ........................
+                       |-- kept --|------------- stale: context changed -------|
+
+Given `Recompute(fraction)`, a prompt's request runs in three steps (`Blend.prefill`):
+
+1. Classify every spliced token: *kept* when its encoding context is exactly the prompt's tokens
+   before it at the same positions, and those positions are contiguous from 0 (its stored state
+   is the full prefill's); else *stale*. A prompt whose spliced tokens all match their encoding
+   context is never touched (`plan_blend` returns None), except that new tokens after a trailing
+   gap are moved down to close it.
+2. Close the gaps: every token goes to its rank in the prompt (the full prefill's positions). A
+   stale token reused as stored has its keys rotated there (`models.relocate.KeyMover`).
+3. Recompute `round(fraction * spliced tokens)` stale tokens (the prompt's new tokens are always
+   computed), chosen by `rule`, attending to everything before them in the prompt; the rest are
+   reused. The rules:
+   - "deviation" (CacheBlend's idea): run every stale and new token through the first
+     `probe_layer + 1` decoder layers in the prompt's real context (cheap: a few of the model's
+     layers), and recompute the tokens whose keys and values at that layer moved furthest from the
+     stored ones. The probe's exact states of the early layers replace the stored ones of every
+     stale token that is reused.
+   - "leading" (EPIC's LegoLink): the first tokens of each run of stale tokens, round-robin.
+   - "first": the stale tokens right after the first change (a partial prefix recompute).
+   - "uniform": evenly spaced stale tokens (a control).
+
+`fraction=1.0` recomputes every stale token: the prefill is then the full prefill of the same text
+(kept tokens are its states already). Stored states are only read; the request's own cache block
+is where keys are rotated and states written.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+import threading
+import weakref
+from dataclasses import dataclass
+
+import torch
+
+from ..errors import PromptError
+from ..kv.states import KVStates
+from ..markup.layout import PromptPlan, SchemaLayout
+from ..models.relocate import KeyMover, key_mover, probe_forward
+from . import prefill as _prefill
+from .prefill import CacheSpec, Prefill, prefill_modules, run_chunks
+
+DEFAULT_RECOMPUTE = 0.0  # NOTE: measured choice, see benchmarks/README.md (quality)
+RULES = ("deviation", "leading", "first", "uniform")
+
+
+@dataclass(frozen=True)
+class Recompute:
+    """What to recompute when spliced states are stale (pass as `recompute=` anywhere a float goes).
+
+    Attributes:
+        fraction: at most this share of the prompt's spliced tokens is recomputed (0..1).
+        rule: how stale tokens are picked (see the module docstring): one of `RULES`.
+        probe_layer: the decoder layer "deviation" compares states at (clamped to the model's last).
+        close_gaps: move later tokens to contiguous positions (rotating stored keys).
+    """
+
+    fraction: float
+    rule: str = "deviation"
+    probe_layer: int = 1
+    close_gaps: bool = True
+
+    def __post_init__(self):
+        check_fraction(self.fraction)
+        if self.rule not in RULES:
+            raise PromptError(f"invalid recompute rule={self.rule!r:.80}: must be one of {', '.join(RULES)}")
+        if isinstance(self.probe_layer, bool) or not isinstance(self.probe_layer, int) or self.probe_layer < 0:
+            raise PromptError(f"invalid recompute probe_layer={self.probe_layer!r:.80}: must be an int >= 0")
+
+
+def check_fraction(value: object) -> float:
+    """`value` as a float in [0, 1]; PromptError naming `recompute` otherwise."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value) \
+            or not 0 <= value <= 1:
+        raise PromptError(f"invalid recompute={value!r:.80}: must be a float in [0, 1] (the fraction of "
+                          "spliced tokens to recompute) or a Recompute")
+    return float(value)
+
+
+def recompute_policy(value: object) -> Recompute | None:
+    """The policy `recompute=value` asks for: None (splice as stored) for 0, else a `Recompute`."""
+    if isinstance(value, Recompute):
+        return value
+    fraction = check_fraction(value)
+    return Recompute(fraction) if fraction > 0 else None
+
+
+@dataclass(frozen=True)
+class _Token:
+    position: int  # as planned (schema positions)
+    token: int
+    part: int      # index into the spliced parts; -1 for a token computed anyway
+    offset: int    # index in its part
+
+
+def _sequence(parts: list[KVStates], new_ids, new_positions) -> list[_Token]:
+    seq = [_Token(p, t, i, j) for i, st in enumerate(parts) for j, (t, p) in
+           enumerate(zip(st.token_ids, st.positions.tolist()))]
+    seq += [_Token(p, t, -1, j) for j, (t, p) in enumerate(zip(new_ids, new_positions))]
+    seq.sort(key=lambda x: x.position)
+    assert all(a.position < b.position for a, b in zip(seq, seq[1:])), "two prompt tokens at one position"
+    return seq
+
+
+class _EncodeIndex:
+    """Where each module token was encoded: its pass, and its index in that pass's full context."""
+
+    def __init__(self, layout: SchemaLayout):
+        self.passes = layout.passes
+        self.where: dict[tuple[str, int], tuple[int, int]] = {}
+        for q, p in enumerate(layout.passes):
+            for k, (owner, pos) in enumerate(zip(p.owners, p.positions)):
+                if owner is not None:
+                    self.where.setdefault((owner, pos), (q, p.prefix_len + k))
+
+    def lcp(self, q: int, seq: list[tuple[int, int]], memo: dict[int, int]) -> int:
+        """Length of the common prefix of pass q's full context (prefix included) and `seq`."""
+        if q not in memo:
+            p = self.passes[q]
+            n = 0 if p.parent is None else min(self.lcp(p.parent, seq, memo), p.prefix_len)
+            if p.parent is None or n == p.prefix_len:
+                for pair in zip(p.token_ids, p.positions):
+                    if n >= len(seq) or seq[n] != pair:
+                        break
+                    n += 1
+            memo[q] = n
+        return memo[q]
+
+
+_INDEXES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+_INDEX_LOCK = threading.Lock()
+
+
+def _index(version) -> _EncodeIndex:
+    with _INDEX_LOCK:
+        index = _INDEXES.get(version)
+        if index is None:
+            index = _INDEXES[version] = _EncodeIndex(version.layout)
+        return index
+
+
+def _as_encoded(version, cached: tuple[str, ...], seq: list[_Token]) -> list[bool]:
+    """Per prompt token: spliced and encoded after exactly the prompt's tokens before it."""
+    index, memo = _index(version), {}
+    pairs = [(t.token, t.position) for t in seq]
+    out = []
+    for i, t in enumerate(seq):
+        found = index.where.get((cached[t.part], t.position)) if t.part >= 0 else None
+        out.append(found is not None and found[1] == i and index.lcp(found[0], pairs, memo) > i)
+    return out
+
+
+def plan_blend(policy: Recompute | None, version, tokens: PromptPlan, parts: list[KVStates],
+               adapter) -> Blend | None:
+    """How a module prompt's spliced states are repaired under `policy`; None: splice them as stored."""
+    if policy is None:
+        return None
+    seq = _sequence(parts, tokens.new_token_ids, tokens.new_positions)
+    exact = _as_encoded(version, tokens.cached, seq)
+    mover = _mover(adapter.model) if policy.close_gaps else None
+    frame = list(range(len(seq))) if mover is not None else [t.position for t in seq]
+    spliced = [i for i, t in enumerate(seq) if t.part >= 0]
+    kept = [i for i in spliced if exact[i] and frame[i] == seq[i].position]
+    if all(exact[i] for i in spliced):
+        # Never touched. Only new tokens after a trailing gap may move down (no stored state moves).
+        moved = any(frame[i] != t.position for i, t in enumerate(seq))
+        return Blend(policy, mover, seq, frame, kept, [], shift_only=True) if moved and len(kept) == len(
+            spliced) else None
+    stale = [i for i in spliced if i not in set(kept)]
+    return Blend(policy, mover, seq, frame, kept, stale)
+
+
+_MOVERS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def _mover(model) -> KeyMover | None:
+    if model not in _MOVERS:
+        _MOVERS[model] = key_mover(model)
+    return _MOVERS[model]
+
+
+@dataclass
+class Blend:
+    """One request's repair plan (made by `plan_blend`); `prefill` runs it.
+
+    Attributes:
+        policy: the request's `Recompute`.
+        mover: moves stored keys (None: positions stay as planned).
+        seq: every prompt token in position order.
+        frame: the position each runs at (its rank when gaps close).
+        kept: seq indices of spliced tokens reused as stored (exact, not moved).
+        stale: seq indices of the other spliced tokens.
+        shift_only: no stale states; only new tokens move.
+    """
+
+    policy: Recompute
+    mover: KeyMover | None
+    seq: list[_Token]
+    frame: list[int]
+    kept: list[int]
+    stale: list[int]
+    shift_only: bool = False
+
+    def prefill(self, adapter, spec: CacheSpec, parts: list[KVStates]) -> Prefill:
+        """Fill a request cache for the prompt and compute its first logits (see the module docstring)."""
+        if self.shift_only:
+            new = [i for i, t in enumerate(self.seq) if t.part < 0]
+            return prefill_modules(adapter, spec, parts, [self.seq[i].token for i in new],
+                                   [self.frame[i] for i in new], len(self.seq))
+        last = len(self.seq) - 1  # its logits start the answer: always computed
+        kept = [i for i in self.kept if i != last]
+        cands = [i for i in self.stale if i != last]
+        budget = min(len(cands), round(self.policy.fraction * (len(kept) + len(cands))))
+        cache = spec.new_cache(_runs(parts, self.seq, kept), spec.capacity)
+        k_pos = torch.empty(spec.capacity, dtype=torch.long, device=spec.device)
+        k_pos[:len(kept)] = torch.tensor([self.frame[i] for i in kept], dtype=torch.long)
+        fresh = None
+        if self.policy.rule == "deviation" and 0 < budget < len(cands):
+            scores, fresh = self._probe(adapter, cache, k_pos, parts, len(kept), cands)
+            order = torch.sort(scores, descending=True, stable=True).indices[:budget].tolist()
+            chosen = sorted(cands[j] for j in order)
+        else:
+            chosen = _structural(self.policy.rule, self.seq, cands, budget)
+        chosen_set = set(chosen)
+        reuse = [j for j, i in enumerate(cands) if i not in chosen_set]  # indices into cands
+        n_fixed = self._write_reused(cache, parts, len(kept), [cands[j] for j in reuse], fresh, reuse)
+        k_pos[len(kept):n_fixed] = torch.tensor([self.frame[cands[j]] for j in reuse], dtype=torch.long)
+        skip = set(kept) | {cands[j] for j in reuse}
+        queries = [i for i in range(len(self.seq)) if i not in skip]
+        n = n_fixed + len(queries)
+        k_pos[n_fixed:n] = torch.tensor([self.frame[i] for i in queries], dtype=torch.long)
+        ids = torch.tensor([[self.seq[i].token for i in queries]], dtype=torch.long, device=spec.device)
+        logits = run_chunks(adapter, ids, k_pos, n_fixed, cache)
+        return Prefill(cache, k_pos, n, len(self.seq), spec.capacity - n, logits[0, -1],
+                       cached_tokens=n_fixed, recomputed_tokens=len(chosen))
+
+    def _probe(self, adapter, cache, k_pos: torch.Tensor, parts: list[KVStates], n_kept: int,
+               cands: list[int]) -> tuple[torch.Tensor, list[tuple[torch.Tensor, torch.Tensor]]]:
+        """Deviation of each candidate at the probe layer, and every candidate's exact states of layers 0..probe."""
+        layer = min(self.policy.probe_layer, adapter.num_layers - 1)
+        kept = set(self.kept) - {len(self.seq) - 1}
+        rest = [i for i in range(len(self.seq)) if i not in kept]
+        k_pos[n_kept:n_kept + len(rest)] = torch.tensor([self.frame[i] for i in rest], dtype=torch.long)
+        ids = torch.tensor([[self.seq[i].token for i in rest]], dtype=torch.long, device=k_pos.device)
+        chunk = _prefill.CHUNK
+        for a in range(0, len(rest), chunk):
+            b = min(a + chunk, len(rest))
+            probe_forward(adapter, ids[:, a:b], k_pos[n_kept + a:n_kept + b], k_pos[:n_kept + b], cache, layer)
+        slot = {i: n_kept + j for j, i in enumerate(rest)}
+        slots = torch.tensor([slot[i] for i in cands], dtype=torch.long, device=k_pos.device)
+        fresh = [(cache.layers[la].k_buf[:, :, slots], cache.layers[la].v_buf[:, :, slots])
+                 for la in range(layer + 1)]
+        for la in cache.layers:
+            la.length = n_kept
+        keys, values = self._stored(parts, cands, layer)
+        dk = (fresh[layer][0] - keys).float().pow(2).sum(dim=(0, 1, 3))  # [cands]
+        dv = (fresh[layer][1] - values).float().pow(2).sum(dim=(0, 1, 3))
+        norm_k = keys.float().pow(2).sum(dim=(0, 1, 3)).mean().clamp(min=1e-12)
+        norm_v = values.float().pow(2).sum(dim=(0, 1, 3)).mean().clamp(min=1e-12)
+        return dk / norm_k + dv / norm_v, fresh
+
+    def _stored(self, parts: list[KVStates], idx: list[int], layer: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Stored keys (moved to their frame positions) and values of seq tokens `idx` at `layer`."""
+        ref = parts[0].keys[layer]
+        shape = (ref.shape[0], ref.shape[1], len(idx), ref.shape[3])
+        keys, values = ref.new_empty(shape), ref.new_empty(shape)
+        by_part: dict[int, tuple[list[int], list[int]]] = {}
+        for j, i in enumerate(idx):
+            cols, offs = by_part.setdefault(self.seq[i].part, ([], []))
+            cols.append(j)
+            offs.append(self.seq[i].offset)
+        for part, (cols, offs) in by_part.items():
+            src = torch.tensor(offs, dtype=torch.long, device=ref.device)
+            dst = torch.tensor(cols, dtype=torch.long, device=ref.device)
+            keys[:, :, dst] = parts[part].keys[layer].index_select(2, src).to(ref.device)
+            values[:, :, dst] = parts[part].values[layer].index_select(2, src).to(ref.device)
+        delta = torch.tensor([self.frame[i] - self.seq[i].position for i in idx], dtype=torch.long)
+        if self.mover is not None and bool(delta.any()):
+            keys = self.mover.move(keys, delta)
+        return keys, values
+
+    def _write_reused(self, cache, parts: list[KVStates], at: int, idx: list[int], fresh, cols: list[int]) -> int:
+        """Write reused stale tokens `idx` into slots from `at` (probed layers: their exact states); the end."""
+        n = len(idx)
+        if n:
+            pick = torch.tensor(cols, dtype=torch.long, device=cache.block.device)
+            for la, layer in enumerate(cache.layers):
+                if fresh is not None and la < len(fresh):
+                    keys, values = fresh[la][0].index_select(2, pick), fresh[la][1].index_select(2, pick)
+                else:
+                    keys, values = self._stored(parts, idx, la)
+                layer.k_buf[:, :, at:at + n].copy_(keys)
+                layer.v_buf[:, :, at:at + n].copy_(values)
+        for layer in cache.layers:
+            layer.length = at + n
+        return at + n
+
+
+def _runs(parts: list[KVStates], seq: list[_Token], idx: list[int]) -> list[KVStates]:
+    """Seq tokens `idx` (spliced, in order) as slices of their parts: one per run of consecutive offsets."""
+    out, start = [], None
+    for j, i in enumerate(idx):
+        t = seq[i]
+        if start is None:
+            start = t
+        nxt = seq[idx[j + 1]] if j + 1 < len(idx) else None
+        if nxt is None or nxt.part != t.part or nxt.offset != t.offset + 1:
+            out.append(parts[t.part].slice(start.offset, t.offset + 1))
+            start = None
+    return out
+
+
+def _structural(rule: str, seq: list[_Token], cands: list[int], budget: int) -> list[int]:
+    """The `budget` candidates a position-only rule picks, in seq order."""
+    if budget <= 0:
+        return []
+    if budget >= len(cands):
+        return list(cands)
+    if rule == "first" or rule == "deviation":  # deviation with nothing to choose between
+        return cands[:budget]
+    if rule == "uniform":
+        return sorted({cands[(m * len(cands)) // budget] for m in range(budget)})
+    # leading: offsets from the start of each run of stale tokens (a break: another part, a
+    # kept or new token between, or a position jump), round-robin over runs
+    offset, ranked = 0, []
+    for j, i in enumerate(cands):
+        prev = cands[j - 1] if j else None
+        run_start = prev is None or prev != i - 1 or seq[prev].part != seq[i].part \
+            or seq[prev].position + 1 != seq[i].position
+        offset = 0 if run_start else offset + 1
+        ranked.append((offset, j))
+    return sorted(cands[j] for _, j in sorted(ranked)[:budget])
