@@ -114,7 +114,7 @@ def demo(args: argparse.Namespace) -> None:
     layout = engine.add_schema(schema)
     print(f"schema '{layout.name}': {layout.length} positions, {len(layout.modules) - 1} modules", flush=True)
     if prompt is None:
-        prompt = read_prompt(args.question, layout.name, layout)
+        prompt = read_prompt(args.question, layout.name, layout).text
         print(f"question: {args.question}", flush=True)
     if args.compare:
         compare(engine, prompt, args.max_new_tokens)

@@ -19,6 +19,7 @@ import json
 import os
 import sys
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from xml.sax.saxutils import escape
 
@@ -51,27 +52,44 @@ def build_engine(*, model: str, device: str = "auto", dtype: str = "auto", progr
     return Engine(loaded.model, loaded.tokenizer, progress=progress)
 
 
-def read_prompt(value: str, schema_name: str, layout=None) -> str:
+@dataclass(frozen=True)
+class PromptChoice:
+    """The PML prompt `run` sends, and for plain text which modules it used and why others not."""
+
+    text: str
+    used: tuple[str, ...] = ()
+    left_out: tuple[str, ...] = ()  # "name (why)"
+
+
+def read_prompt(value: str, schema_name: str, layout=None) -> PromptChoice:
     """PML prompt text from a file path, PML text, or plain text.
 
     Plain text becomes a prompt over every top-level module that needs no argument (a union
-    contributes its scaffold member), with the text as the user's turn.
+    contributes its scaffold member), with the text as the user's turn; the choice says which
+    modules were used and why the others were left out.
     """
     path = Path(value)
     if "\n" not in value and len(value) < 4096 and path.is_file():
-        return path.read_text(encoding="utf-8")
+        return PromptChoice(path.read_text(encoding="utf-8"))
     from .markup.parse import is_pml
 
     if is_pml(value):
-        return value
-    selected = []
+        return PromptChoice(value)
+    used, left_out = [], []
     if layout is not None:
         scaffolds = {u.scaffold for u in layout.unions}
         for path_, mod in layout.modules.items():
-            if path_ and "/" not in path_ and not mod.slots and (mod.union is None or path_ in scaffolds):
-                selected.append(f"<{mod.name}/>")
-    body = "".join(selected)
-    return f'<prompt schema="{escape(schema_name)}">{body}<user>{escape(value)}</user></prompt>'
+            if not path_ or "/" in path_:
+                continue
+            if mod.slots:
+                left_out.append(f"{mod.name} (needs argument(s) {', '.join(mod.slots)}: write a PML prompt)")
+            elif mod.union is not None and path_ not in scaffolds:
+                left_out.append(f"{mod.name} (a union member; its scaffold is used)")
+            else:
+                used.append(mod.name)
+    body = "".join(f"<{name}/>" for name in used)
+    text = f'<prompt schema="{escape(schema_name)}">{body}<user>{escape(value)}</user></prompt>'
+    return PromptChoice(text, tuple(used), tuple(left_out))
 
 
 # ---- validate ------------------------------------------------------------------------------
@@ -87,32 +105,52 @@ def _root_tag(text: str) -> str | None:
     return None
 
 
-def validate_file(name: str) -> str:
-    """"OK" summary for a valid schema or prompt file; raises SchemaError/OSError otherwise."""
+def _module_count(schema) -> int:
     from .markup.nodes import Module
-    from .markup.parse import parse_prompt, parse_schema
-    from .markup.xmlsafe import read_text_file
 
-    text = read_text_file(Path(name), 8 << 20, what="PML file")
-    if _root_tag(text) == "prompt":
-        prompt = parse_prompt(name)
-        return f"OK (prompt for schema '{prompt.schema}', {len(prompt.selections)} selection(s))"
-    schema = parse_schema(name)
-    count = 0
-    stack = list(schema.children)
+    count, stack = 0, list(schema.children)
     while stack:
         node = stack.pop()
         count += isinstance(node, Module)
         stack.extend(getattr(node, "children", ()) or getattr(node, "members", ()) or ())
-    return f"OK (schema '{schema.name}', {count} module(s))"
+    return count
+
+
+def parse_file(name: str):
+    """The `Schema` or `Prompt` in a PML file; raises SchemaError/OSError otherwise."""
+    from .markup.parse import parse_prompt, parse_schema
+    from .markup.xmlsafe import read_text_file
+
+    text = read_text_file(Path(name), 8 << 20, what="PML file")
+    return parse_prompt(name) if _root_tag(text) == "prompt" else parse_schema(name)
 
 
 def cmd_validate(args: argparse.Namespace) -> int:
-    failed = 0
+    """Each file on its own, then each prompt against the schemas given with it."""
+    from .markup.nodes import Prompt
+    from .markup.scope import check_prompt_against
+
+    failed, parsed = 0, {}
     for name in args.files:
         try:
-            print(f"{name}: {validate_file(name)}")
+            parsed[name] = parse_file(name)
         except (PromptCacheError, OSError) as e:
+            failed += 1
+            print(format_error(e, name))
+    schemas = [doc for doc in parsed.values() if not isinstance(doc, Prompt)]
+    for name, doc in parsed.items():
+        if not isinstance(doc, Prompt):
+            print(f"{name}: OK (schema '{doc.name}', {_module_count(doc)} module(s))")
+            continue
+        if not schemas:
+            print(f"{name}: OK (prompt for schema '{doc.schema}', {len(doc.selections)} selection(s); "
+                  "give its schema file too to check the selections against it)")
+            continue
+        try:
+            check_prompt_against(doc, schemas)
+            print(f"{name}: OK (prompt for schema '{doc.schema}', {len(doc.selections)} selection(s), "
+                  "checked against it)")
+        except PromptCacheError as e:
             failed += 1
             print(format_error(e, name))
     return EXIT_INVALID if failed else EXIT_OK
@@ -124,9 +162,14 @@ def cmd_validate(args: argparse.Namespace) -> int:
 def cmd_run(args: argparse.Namespace) -> int:
     engine = build_engine(model=_model_name(args), device=args.device, dtype=args.dtype)
     layout = engine.add_schema(args.schema)
-    prompt = read_prompt(args.prompt, layout.name, layout)
+    choice = read_prompt(args.prompt, layout.name, layout)
+    if choice.used or choice.left_out:
+        print(f"modules used: {', '.join(choice.used) or '(none)'}", file=sys.stderr)
+        for item in choice.left_out:
+            print(f"left out: {item}", file=sys.stderr)
+    prompt = choice.text
     params = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
-                  top_k=args.top_k, seed=args.seed, enable_cache=not args.no_cache)
+                  top_k=args.top_k, seed=args.seed, stop=args.stop, enable_cache=not args.no_cache)
     if args.json:
         completion = engine.generate(prompt, **params)
         print(json.dumps({"text": completion.text, "finish_reason": completion.finish_reason,
@@ -188,14 +231,13 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 
 def _add_model_args(p: argparse.ArgumentParser, default: str | None) -> None:
-    from .models.load import BUILTIN_MODELS, TINY_MODELS
-    from .testing import ARCHS
+    from .models.names import ARCHS, BUILTIN_MODEL_NAMES, TINY_MODEL_NAMES
 
     group = p.add_mutually_exclusive_group(required=default is None)
     group.add_argument("--model", metavar="NAME_OR_PATH",
                        help="a hub id, a checkpoint directory, a .gguf file, or a built-in name: "
-                            f"{', '.join(BUILTIN_MODELS)} (real, offline once installed), "
-                            f"{', '.join(TINY_MODELS)} (random weights, meaningless text)"
+                            f"{', '.join(BUILTIN_MODEL_NAMES)} (real, offline once installed), "
+                            f"{', '.join(TINY_MODEL_NAMES)} (random weights, meaningless text)"
                             + (f"; default: {default}" if default else ""))
     group.add_argument("--tiny", metavar="ARCH", choices=ARCHS,
                        help="same as --model tiny-ARCH: a built-in random-weight model: " + ", ".join(ARCHS))
@@ -209,11 +251,11 @@ def _model_name(args: argparse.Namespace) -> str:
 
 
 def _add_device_args(p: argparse.ArgumentParser) -> None:
-    from .models.load import DEVICES, DTYPES
+    from .models.names import DEVICES, DTYPE_NAMES
 
     p.add_argument("--device", default="auto", help=f"{', '.join(DEVICES)} (default: auto, CUDA when present)")
     p.add_argument("--dtype", default="auto",
-                   help=f"auto, {', '.join(DTYPES)} (default: auto, float32 on the CPU)")
+                   help=f"auto, {', '.join(DTYPE_NAMES)} (default: auto, float32 on the CPU)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -221,7 +263,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     p = sub.add_parser("validate", help="check schema and prompt PML files",
-                       description="Check PML files (schemas or prompts): OK, or file:line:col: message.")
+                       description="Check PML files (schemas or prompts): OK, or file:line:col: message. "
+                                   "Prompts are also checked against the schemas given with them.")
     p.add_argument("files", nargs="+", metavar="FILE")
     p.set_defaults(func=cmd_validate)
 
@@ -236,6 +279,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--top-p", type=float, default=1.0)
     p.add_argument("--top-k", type=int, default=0)
     p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--stop", action="append", metavar="TEXT", help="stop generating at TEXT (repeatable)")
     p.add_argument("--no-cache", action="store_true", help="prefill every prompt token (the baseline)")
     _add_device_args(p)
     p.add_argument("--json", action="store_true", help="print one JSON object: text, finish_reason, usage")

@@ -11,6 +11,8 @@ from pathlib import Path
 
 import pytest
 
+from promptcache.cli import main
+
 ROOT = Path(__file__).resolve().parents[1]
 SCHEMAS = ROOT / "schemas"
 EXAMPLES = sorted(SCHEMAS.glob("*.xml"))
@@ -125,3 +127,44 @@ def test_layout_with_the_real_model_uses_its_tokenizer_and_template(smollm2):
     layout = compile_schema(parse_schema(SCHEMAS / "codegen.xml"), smollm2.tokenizer, chat)
     assert f"schema 'codegen': {layout.length} positions" in out.stdout
     assert f"chat format {chat.name!r}" in out.stdout
+
+
+def _write(tmp_path, name, text):
+    path = tmp_path / name
+    path.write_text(text)
+    return str(path)
+
+
+def test_validate_checks_prompts_against_the_schemas_given(tmp_path, capsys):
+    schema = _write(tmp_path, "s.xml", '<schema name="s"><module name="doc">Text.</module>'
+                                       '<module name="trip">Lasts <parameter name="days" length="4"/>.</module>'
+                                       '<union><module name="a">A</module><module name="b">B</module></union></schema>')
+    good = _write(tmp_path, "good.xml", '<prompt schema="s"><doc/><trip days="3"/><a/>Why?</prompt>')
+    bad = {"missing.xml": ('<prompt schema="s"><nope/>Why?</prompt>', "unknown module 'nope'"),
+           "union.xml": ('<prompt schema="s"><a/><b/>Why?</prompt>', "one union"),
+           "argument.xml": ('<prompt schema="s"><trip/>Why?</prompt>', "days"),
+           "other.xml": ('<prompt schema="t"><doc/>Why?</prompt>', "schemas given: s")}
+    assert main(["validate", schema, good]) == 0
+    assert "checked against it" in capsys.readouterr().out
+    for name, (text, message) in bad.items():
+        path = _write(tmp_path, name, text)
+        assert main(["validate", path]) == 0, "alone, a prompt is only checked for its own structure"
+        assert main(["validate", schema, path]) == 1
+        assert message in capsys.readouterr().out
+
+
+def test_validate_does_not_import_torch():
+    code = ("import sys; from promptcache.cli import main; "
+            "rc = main(['validate', 'schemas/travel.xml', 'schemas/travel.prompt.xml']); "
+            "assert 'torch' not in sys.modules, 'validate imported torch'; sys.exit(rc)")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=120)
+    assert done.returncode == 0, done.stdout + done.stderr
+
+
+def test_run_says_which_modules_a_plain_prompt_used(tmp_path, capsys):
+    schema = _write(tmp_path, "s.xml", '<schema name="s"><module name="doc">Text.</module><module name="trip">'
+                                       'Lasts <parameter name="days" length="4"/>.</module></schema>')
+    assert main(["run", "--schema", schema, "--prompt", "Why?", "--model", "tiny", "--max-new-tokens", "2",
+                 "--stop", "x", "--stop", "y"]) == 0
+    err = capsys.readouterr().err
+    assert "modules used: doc" in err and "left out: trip (needs argument(s) days" in err

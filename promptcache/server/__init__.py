@@ -14,9 +14,21 @@ thread-safe, so a thread per connection runs its request directly, and the threa
 the one that notices a departed client and closes the generation.
 """
 
-from .config import ServerConfig
-from .errors import ApiError
-from .http import Server
-from .service import Service
+from __future__ import annotations
+
+import importlib
+
+# NOTE: imported on first use, so that `promptcache validate` (whose parser knows `serve`'s
+# options) never imports torch.
+_LAZY = {"ApiError": ".errors", "Server": ".http", "ServerConfig": ".config", "Service": ".service"}
+
+
+def __getattr__(name: str):
+    if name not in _LAZY:
+        raise AttributeError(f"module 'promptcache.server' has no attribute {name!r}")
+    value = getattr(importlib.import_module(_LAZY[name], __name__), name)
+    globals()[name] = value
+    return value
+
 
 __all__ = ["ApiError", "Server", "ServerConfig", "Service"]

@@ -17,14 +17,15 @@ import signal
 import threading
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from ..errors import PromptCacheError
-from ..kv.prefix import DEFAULT_PREFIX_BUDGET_BYTES
 from ..markup.parse import is_pml
 from ..markup.xmlsafe import prolog_end
 from .config import ServerConfig
-from .http import Server
-from .service import Service
+
+if TYPE_CHECKING:  # pragma: no cover
+    from .http import Server
 
 logger = logging.getLogger(__name__)
 
@@ -54,13 +55,16 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="let schemas posted over HTTP read src= files from DIR (default: they cannot)")
     s.add_argument("--shutdown-grace-s", type=float, default=d.shutdown_grace_s,
                    help="on SIGTERM, how long running requests may take to finish")
+    s.add_argument("--threads", type=int,
+                   help="torch threads per forward (default: torch's, one per core); on a busy or shared CPU, "
+                        "1 can be several times faster: parallel regions wait for every thread")
     s.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"))
     e = p.add_argument_group("engine")
     e.add_argument("--store-dir", metavar="DIR", help="persist module states there across restarts")
     e.add_argument("--device-budget-bytes", type=int, help="module-store budget on the device (default: none)")
     e.add_argument("--host-budget-bytes", type=int, help="module-store budget in host memory (default: none)")
-    e.add_argument("--prefix-budget-bytes", type=int, default=DEFAULT_PREFIX_BUDGET_BYTES,
-                   help=f"bytes of chat/prompt prefixes kept, LRU (default: {DEFAULT_PREFIX_BUDGET_BYTES})")
+    e.add_argument("--prefix-budget-bytes", type=int,
+                   help="bytes of chat/prompt prefixes kept, LRU (default: the engine's, 1 GiB)")
     e.add_argument("--no-prefix-cache", action="store_true", help="do not reuse prefixes of plain prompts/chats")
     e.add_argument("--ttl-s", type=float, help="drop cached states idle for longer than this")
 
@@ -83,9 +87,12 @@ def config_from_args(args: argparse.Namespace, model: str) -> ServerConfig:
 
 
 def engine_kwargs(args: argparse.Namespace) -> dict:
-    return dict(store_dir=args.store_dir, device_budget_bytes=args.device_budget_bytes,
-                host_budget_bytes=args.host_budget_bytes, prefix_cache=not args.no_prefix_cache,
-                prefix_budget_bytes=args.prefix_budget_bytes, ttl_s=args.ttl_s, progress=False)
+    kwargs = dict(store_dir=args.store_dir, device_budget_bytes=args.device_budget_bytes,
+                  host_budget_bytes=args.host_budget_bytes, prefix_cache=not args.no_prefix_cache,
+                  ttl_s=args.ttl_s, progress=False)
+    if args.prefix_budget_bytes is not None:  # else the engine's default bound
+        kwargs["prefix_budget_bytes"] = args.prefix_budget_bytes
+    return kwargs
 
 
 def schema_files(paths: Sequence[str]) -> list[Path]:
@@ -108,10 +115,19 @@ def run(args: argparse.Namespace, model: str) -> int:
 
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     config = config_from_args(args, model)
+    if args.threads is not None:
+        if args.threads < 1:
+            raise PromptCacheError(f"--threads must be >= 1, got {args.threads}")
+        import torch
+
+        torch.set_num_threads(args.threads)
     engine = Engine.from_pretrained(model, device=args.device, dtype=args.dtype, **engine_kwargs(args))
     for path in schema_files(args.schemas):
         layout = engine.add_schema(path)
         logger.info("added schema %r from %s (%d modules)", layout.name, path, len(layout.modules))
+    from .http import Server  # NOTE: imported here: the CLI builds its parser without torch
+    from .service import Service
+
     server = Server(Service(engine, config))
     return serve(server)
 
