@@ -3,17 +3,19 @@
     python benchmarks/serve.py                                  # smollm2-135m-instruct, 1,2,4,8 clients
     python benchmarks/serve.py --model tiny --concurrency 1,2 --requests-per-client 1   # a smoke run
 
-The server runs as its own process (`python -m promptcache serve`), started twice: with the cache
-(prefix reuse, the default) and with `--no-cache` (every prompt token prefilled: the baseline). The
-clients are threads of this process using the official openai client, each sending streamed chat
+The server runs as its own process (`python -m promptcache serve`), twice at once: with the cache
+(prefix reuse, the default) and with `--no-cache` (every prompt token prefilled: the baseline);
+each level runs against one, then the other, round-robin over `--repeat` rounds. The clients are
+threads of this process using the official openai client, each sending streamed chat
 requests back to back (a closed loop). The workload: one shared system prompt of
 `--system-tokens` tokens (a deployment's instructions) and a different short question per request,
 `--max-tokens` generated tokens each (`ignore_eos`, so every request generates the same number).
 
 Per (cache, concurrency): TTFT measured by the client (request sent -> first content token) p50 and
 p95, the engine's own TTFT (usage.promptcache.ttft_s: without queueing and HTTP) p50, requests/s
-and output tokens/s over the level's wall time. One warm-up request per server is excluded; with
-the cache it also puts the system prompt in the prefix cache (the steady state of a deployment).
+and output tokens/s over the level's wall time (summed over rounds). `--warmup` requests per
+server are excluded; with the cache they also put the system prompt in the prefix cache (the
+steady state of a deployment).
 The server gets `--parallel` equal to the largest concurrency, so clients are never queued by the
 gate: this is the baseline (one request per forward) that batching will be measured against.
 """
@@ -54,9 +56,9 @@ def percentile(values: list[float], q: float) -> float:
     return xs[lo] + (xs[hi] - xs[lo]) * (pos - lo)
 
 
-def start_server(model: str, parallel: int, cache: bool, device: str) -> tuple[subprocess.Popen, str]:
+def start_server(model: str, parallel: int, cache: bool, device: str, extra: list[str]) -> tuple[subprocess.Popen, str]:
     cmd = [sys.executable, "-m", "promptcache", "serve", "--model", model, "--port", "0", "--device", device,
-           "--parallel", str(parallel), "--max-queue", "64", "--log-level", "warning"]
+           "--parallel", str(parallel), "--max-queue", "64", "--log-level", "warning", *extra]
     proc = subprocess.Popen(cmd + ([] if cache else ["--no-cache"]), cwd=REPO_ROOT, stdout=subprocess.PIPE,
                             env=dict(os.environ, TOKENIZERS_PARALLELISM="false"))
     buf, deadline = b"", time.monotonic() + 600
@@ -130,23 +132,41 @@ def summarize(cache: str, concurrency: int, results: list[dict], wall: float) ->
             "cached_tokens_mean": mean("cached_tokens"), "prompt_tokens_mean": mean("prompt_tokens")}
 
 
-def bench_server(args, cache: bool, system: str, levels: list[int]) -> list[dict]:
-    proc, url = start_server(args.model, max(levels), cache, args.device)
-    try:
-        import openai
+def warm_up(url: str, args, system: str) -> None:
+    """`--warmup` requests, excluded: the first requests of a fresh process run several times slower
+    (allocator and page warm-up); with the cache they also store the system prompt (the steady state)."""
+    import openai
 
-        warm = openai.OpenAI(base_url=url, api_key="none", max_retries=0, timeout=900)
-        one_request(warm, args.served_name, system, question(10_000), args.max_tokens)  # excluded
-        rows, offset = [], 0
-        for c in levels:
-            results, wall = run_level(url, args.served_name, system, c, args.requests_per_client, args.max_tokens,
-                                      offset)
-            offset += len(results)
-            rows.append(summarize("on" if cache else "off", c, results, wall))
-            print(table(rows[-1:], COLUMNS).splitlines()[-1], flush=True)
-        return rows
+    client = openai.OpenAI(base_url=url, api_key="none", max_retries=0, timeout=900)
+    for i in range(args.warmup):
+        one_request(client, args.served_name, system, question(100_000 + i), args.max_tokens)
+
+
+def bench(args, system: str, levels: list[int]) -> list[dict]:
+    """Both servers up at once, levels run round-robin (on, off, on, off, ...) for `--repeat` rounds,
+    so that a load change on a shared machine hits both modes alike; the idle server uses no CPU."""
+    servers = {}
+    try:
+        for mode in ("on", "off"):
+            extra = [] if args.threads is None else ["--threads", str(args.threads)]
+            servers[mode] = start_server(args.model, max(levels), mode == "on", args.device, extra)
+        for _, url in servers.values():
+            warm_up(url, args, system)
+        results = {(m, c): [] for m in servers for c in levels}
+        walls = dict.fromkeys(results, 0.0)
+        for r in range(args.repeat):
+            for c in levels:
+                offset = (r * len(levels) + levels.index(c)) * 1000  # new questions, the same for both modes
+                for mode, (_, url) in servers.items():
+                    res, wall = run_level(url, args.served_name, system, c, args.requests_per_client,
+                                          args.max_tokens, offset)
+                    results[(mode, c)] += res
+                    walls[(mode, c)] += wall
+                    print(f"round {r + 1}, cache {mode}, {c} clients: {wall:.1f} s", flush=True)
+        return [summarize(m, c, results[(m, c)], walls[(m, c)]) for m in servers for c in levels]
     finally:
-        stop_server(proc)
+        for proc, _ in servers.values():
+            stop_server(proc)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -154,7 +174,10 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--model", default="smollm2-135m-instruct")
     p.add_argument("--device", default="cpu")
     p.add_argument("--concurrency", default="1,2,4,8", help="comma-separated client counts")
-    p.add_argument("--requests-per-client", type=int, default=3)
+    p.add_argument("--requests-per-client", type=int, default=2)
+    p.add_argument("--repeat", type=int, default=2, help="rounds over all levels and both modes")
+    p.add_argument("--warmup", type=int, default=4, help="excluded requests per server before measuring")
+    p.add_argument("--threads", type=int, help="the servers' --threads (default: torch's)")
     p.add_argument("--max-tokens", type=int, default=32)
     p.add_argument("--system-tokens", type=int, default=512)
     p.add_argument("--note", default="", help="recorded in the JSON (e.g. what else ran on the machine)")
@@ -167,15 +190,17 @@ def main(argv: list[str] | None = None) -> None:
 
     system = "You are the assistant of a travel agency. Policies follow. " + \
         filler_text(load_tokenizer(args.model).tokenizer, args.system_tokens)
-    print(table([], COLUMNS), flush=True)
-    rows = bench_server(args, True, system, levels) + bench_server(args, False, system, levels)
+    rows = bench(args, system, levels)
     print("\n" + table(rows, COLUMNS))
     payload = result_payload("serve", torch.device(args.device), torch.float32, load_start, argv, rows,
                              model=args.model, system_tokens=args.system_tokens, max_tokens=args.max_tokens,
-                             requests_per_client=args.requests_per_client, server_parallel=max(levels),
+                             requests_per_client=args.requests_per_client, repeat=args.repeat, warmup=args.warmup,
+                             server_threads=args.threads,
+                             server_parallel=max(levels),
                              note=args.note)
     device = "cpu" if args.device == "cpu" else args.device.replace(":", "")
-    name = f"serve-{args.model}-{device}-{os.cpu_count()}core-{time.strftime('%Y%m%d')}.json"
+    threads = "" if args.threads is None else f"-threads{args.threads}"
+    name = f"serve-{args.model}-{device}-{os.cpu_count()}core{threads}-{time.strftime('%Y%m%d')}.json"
     print(f"wrote {write_json(args.out, name, payload)}")
 
 

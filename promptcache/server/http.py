@@ -17,6 +17,7 @@ import json
 import logging
 import select
 import socket
+import sys
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from urllib.parse import unquote, urlsplit
@@ -57,7 +58,10 @@ class Server(ThreadingHTTPServer):
             self._connections.release()
 
     def handle_error(self, request, client_address):
-        logger.exception("unhandled error serving %s", client_address)
+        if isinstance(sys.exc_info()[1], OSError):  # a client that reset or stalled its connection
+            logger.debug("connection from %s dropped", client_address, exc_info=True)
+        else:
+            logger.exception("unhandled error serving %s", client_address)
 
 
 class Handler(BaseHTTPRequestHandler):
@@ -102,7 +106,10 @@ class Handler(BaseHTTPRequestHandler):
             error = as_api_error(e)
             if error.status == 500:
                 logger.exception("internal error on %s %s", self.command, path)
-            self._send_error(error)
+            try:
+                self._send_error(error)
+            except OSError:  # the client is gone: nobody to tell
+                self.close_connection = True
         finally:
             if self._unread != 0:  # a body we did not read would be parsed as the next request
                 self.close_connection = True
