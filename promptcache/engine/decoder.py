@@ -64,6 +64,8 @@ class Decoder:
 
     def advance(self, logits: torch.Tensor) -> None:
         """Take the logits [vocab] of the pending token, fed by the caller at `pending()`'s position."""
+        if self.pre.token_ids is not None:
+            self.pre.token_ids.append(self._pending)  # its state is in the cache's next slot now
         self._pending, self.logits = None, logits
         self.fed += 1
         self.position += 1

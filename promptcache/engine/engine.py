@@ -13,6 +13,7 @@ module registry and the prefix tree lock themselves.
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import time
@@ -27,6 +28,7 @@ from ..kv.pool import BufferPool
 from ..kv.prefix import DEFAULT_PREFIX_BUDGET_BYTES, PrefixTree
 from ..kv.states import KVStates
 from ..kv.store import ModuleStore
+from ..kv.warm import Reuse, contents_of
 from ..markup.bind import bind
 from ..markup.chat import ChatFormat, chat_format_for
 from ..markup.check import check_prompt
@@ -211,7 +213,9 @@ class Engine:
         Close the result (or use it in a `with` block) when done: its cache goes back to the pool.
         """
         policy = self._recompute_policy(recompute)
-        spec = CacheSpec(self._new_cache, self.device, plan.capacity(max_new_tokens))
+        reuse = None if plan.source == "none" else Reuse("modules") if plan.source == "modules" else \
+            Reuse("prefix", plan.namespace, plan.token_ids[:-1])  # what a warm block may hand over (kv.warm)
+        spec = CacheSpec(functools.partial(self._new_cache, reuse=reuse), self.device, plan.capacity(max_new_tokens))
         tokens = plan.tokens
         if plan.source == "none":
             return self._pooled(prefill_full(self.adapter, spec, tokens.token_ids))
@@ -347,18 +351,21 @@ class Engine:
 
     # ---- request caches --------------------------------------------------------------------
 
-    def _new_cache(self, parts: Sequence[KVStates], capacity: int) -> RequestCache:
-        """A pooled request cache holding `parts` back to back (none: empty), room for `capacity` tokens."""
+    def _new_cache(self, parts: Sequence[KVStates], capacity: int, reuse: Reuse | None = None) -> RequestCache:
+        """A pooled request cache holding `parts` back to back (none: empty), room for `capacity` tokens;
+        with `reuse`, a warm block continues in place where it holds the same start."""
         kv_heads, head_dim = self.adapter.kv_geometry
         return request_cache(parts, capacity, num_layers=self.adapter.num_layers, kv_heads=kv_heads,
-                             head_dim=head_dim, device=self.device, dtype=self.adapter.dtype, pool=self.pool)
+                             head_dim=head_dim, device=self.device, dtype=self.adapter.dtype, pool=self.pool,
+                             reuse=reuse)
 
     def _recompute_policy(self, value: float | Recompute | None) -> Recompute | None:
         """A request's recompute policy: the engine's when `value` is None (PromptError when invalid)."""
         return self.recompute if value is None else recompute_policy(value)
 
     def _pooled(self, pre: Prefill) -> Prefill:
-        pre.release = self.pool.give
+        """Give the block back on close, with a record of what it holds (`kv.warm`)."""
+        pre.release = lambda block: self.pool.give(block, contents_of(pre.cache, pre.token_ids))
         return pre
 
 

@@ -39,6 +39,9 @@ class Prefill:
         written_tokens: prompt tokens whose states this request encoded and stored.
         modules_hit / modules_written: PML modules spliced from the store / (re-)encoded now.
         recomputed_tokens: spliced tokens whose stale states were recomputed (`engine.recompute`).
+        token_ids: the token in every filled slot, in slot order, where the cache may stay warm for a
+            later prompt with the same start (`kv.warm`, plain prompts); the decoder appends what it
+            feeds. None elsewhere.
     """
 
     cache: RequestCache
@@ -52,6 +55,7 @@ class Prefill:
     modules_hit: tuple[str, ...] = ()
     modules_written: tuple[str, ...] = ()
     recomputed_tokens: int = 0
+    token_ids: list[int] | None = None
     release: Callable[[torch.Tensor], None] | None = field(default=None, repr=False)
 
     def close(self) -> None:
@@ -114,7 +118,8 @@ def prefill_prefix(adapter, spec: CacheSpec, token_ids: Sequence[int], prefix: S
     new = torch.tensor([list(token_ids[use:])], dtype=torch.long, device=spec.device)
     logits = run_chunks(adapter, new, k_pos, use, cache)
     n = len(token_ids)
-    return Prefill(cache, k_pos, n, n, spec.capacity - n, logits[0, -1], cached_tokens=use)
+    return Prefill(cache, k_pos, n, n, spec.capacity - n, logits[0, -1], cached_tokens=use,
+                   token_ids=list(token_ids))
 
 
 def prefill_modules(adapter, spec: CacheSpec, parts: list[KVStates], new_ids: Sequence[int],

@@ -20,6 +20,7 @@ from transformers.cache_utils import Cache, CacheLayerMixin
 
 from .pool import BufferPool
 from .states import KVStates
+from .warm import Reuse
 
 
 class SpliceLayer(CacheLayerMixin):
@@ -84,6 +85,9 @@ class RequestCache(Cache):
         block: the block; give it back to the pool it came from once the request is done.
         spliced_positions: [n] int64, the positions of the `n` tokens spliced in by `request_cache`
             (empty when none were).
+        reuse / runs / kept: set by `request_cache`: what a later request may keep of this block
+            (`kv.warm.Reuse`, None: nothing), the parts spliced into its first slots, and how many
+            leading slots a warm block already held.
     """
 
     def __init__(self, block: torch.Tensor, length: int, spliced_positions: torch.Tensor | None = None):
@@ -92,6 +96,9 @@ class RequestCache(Cache):
         if spliced_positions is None:
             spliced_positions = torch.empty(0, dtype=torch.long, device=block.device)
         self.spliced_positions = spliced_positions
+        self.reuse: Reuse | None = None
+        self.runs: tuple[KVStates, ...] = ()
+        self.kept = 0
 
     @property
     def capacity(self) -> int:
@@ -113,11 +120,15 @@ _UNPOOLED = BufferPool(0)  # allocates exactly what is asked, keeps nothing
 
 def request_cache(parts: Sequence[KVStates], capacity: int, *, num_layers: int, kv_heads: int, head_dim: int,
                   device: torch.device | str, dtype: torch.dtype, batch: int = 1,
-                  pool: BufferPool | None = None) -> RequestCache:
+                  pool: BufferPool | None = None, reuse: Reuse | None = None) -> RequestCache:
     """A request's cache: `parts` spliced back to back (none: an empty cache), room for `capacity` tokens.
 
     Every batch row gets the same `parts`. The block comes from `pool` when given; give `cache.block`
     back to it once the request is done. `cache.spliced_positions` holds the parts' positions.
+
+    With `reuse` (and a pool), a warm block that already holds the first parts (or, for a prefix,
+    the first tokens of `reuse.token_ids`) is taken and only the rest is copied (see `kv.warm`). A
+    prefix may then keep more tokens than `parts` cover: the cache holds them all.
 
     Args:
         parts: states to splice, in order; each [1, kv_heads, seq, head_dim] per layer. May be empty.
@@ -129,13 +140,22 @@ def request_cache(parts: Sequence[KVStates], capacity: int, *, num_layers: int, 
         k = p.keys[0]
         assert (p.num_layers, k.shape[1], k.shape[-1]) == (num_layers, kv_heads, head_dim), \
             f"states of geometry {(p.num_layers, k.shape[1], k.shape[-1])}, cache {(num_layers, kv_heads, head_dim)}"
-    block = (pool or _UNPOOLED).take(num_layers, batch, kv_heads, max(capacity, n), head_dim, dtype, device)
-    for i in range(num_layers):
-        at = 0
-        for p in parts:
-            m = len(p)
-            block[0, i, :, :, at:at + m].copy_(p.keys[i], non_blocking=True)
-            block[1, i, :, :, at:at + m].copy_(p.values[i], non_blocking=True)
-            at += m
-    positions = torch.cat([p.positions.to(block.device) for p in parts]) if parts else None
-    return RequestCache(block, n, positions)
+    geometry = (num_layers, batch, kv_heads, max(capacity, n), head_dim, dtype, device)
+    if reuse is not None and pool is not None:
+        block, kept = pool.take_warm(*geometry, reuse, parts)
+    else:
+        block, kept = (pool or _UNPOOLED).take(*geometry), 0
+    at = 0
+    for p in parts:  # copy what the block does not hold yet
+        m, skip = len(p), min(len(p), max(0, kept - at))
+        for i in range(num_layers) if skip < m else ():
+            block[0, i, :, :, at + skip:at + m].copy_(p.keys[i][:, :, skip:], non_blocking=True)
+            block[1, i, :, :, at + skip:at + m].copy_(p.values[i][:, :, skip:], non_blocking=True)
+        at += m
+    if kept > n:  # a warm prefix longer than the parts: positions 0..kept-1
+        positions = torch.arange(kept, dtype=torch.long, device=block.device)
+    else:
+        positions = torch.cat([p.positions.to(block.device) for p in parts]) if parts else None
+    cache = RequestCache(block, max(n, kept), positions)
+    cache.reuse, cache.runs, cache.kept = reuse, tuple(parts), kept
+    return cache

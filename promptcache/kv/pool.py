@@ -9,33 +9,54 @@ the engine gives CUDA a pool of size 0.
 
 A block handed out may hold another request's stale states past the caller's valid length; the
 cache never exposes more than the tokens written into it (see `SpliceLayer`).
+
+A block may come back with a record of what it holds (`kv.warm.Contents`); `take_warm` then hands
+it to the request that can keep the most of it (`kv.warm.reusable`), which copies only the rest.
+Plain `take` prefers blocks without a record, so that warm contents outlive requests that cannot
+use them.
 """
 
 from __future__ import annotations
 
 import threading
+from collections.abc import Sequence
 
 import torch
 
 from ..errors import StoreError
+from .states import KVStates
+from .warm import Contents, Reuse, reusable
 
 ROUND = 256  # capacities are rounded up to this many tokens so that similar requests share blocks
 
 
 class BufferPool:
-    """Idle blocks by geometry, at most `max_blocks` of them (least recently returned dropped first)."""
+    """Idle blocks by geometry, at most `max_blocks` of them (least recently returned dropped first).
+
+    Counters: `hits` / `misses` (takes served by an idle block / by a new one), `warm_hits` (takes
+    that kept a warm block's contents) and `kept_tokens` (slots those kept, in all).
+    """
 
     def __init__(self, max_blocks: int = 4):
         if isinstance(max_blocks, bool) or not isinstance(max_blocks, int) or max_blocks < 0:
             raise StoreError(f"pool_blocks must be an int >= 0 or None, got {max_blocks!r}")
         self.max_blocks = max_blocks
         self._idle: list[torch.Tensor] = []  # oldest first
+        self._contents: dict[int, Contents] = {}  # id(block) -> what it holds, for idle blocks with a record
         self._lock = threading.Lock()
-        self.hits = self.misses = 0
+        self.hits = self.misses = self.warm_hits = self.kept_tokens = 0
 
     def take(self, num_layers: int, batch: int, kv_heads: int, capacity: int, head_dim: int,
              dtype: torch.dtype, device: torch.device | str) -> torch.Tensor:
-        """A block with room for at least `capacity` tokens: the smallest idle one that fits, else new."""
+        """A block with room for at least `capacity` tokens: the smallest idle one that fits (one without
+        warm contents first), else new."""
+        return self.take_warm(num_layers, batch, kv_heads, capacity, head_dim, dtype, device, None, ())[0]
+
+    def take_warm(self, num_layers: int, batch: int, kv_heads: int, capacity: int, head_dim: int,
+                  dtype: torch.dtype, device: torch.device | str, want: Reuse | None,
+                  parts: Sequence[KVStates]) -> tuple[torch.Tensor, int]:
+        """(block, kept): the idle block whose contents `want` (splicing `parts`) may keep the most of,
+        and how many leading slots it keeps (0: a block as `take` picks it, or a new one)."""
         device = torch.device(device)
         head = (2, num_layers, batch, kv_heads)
         with self._lock:
@@ -43,18 +64,31 @@ class BufferPool:
                     if b.shape[:4] == head and b.shape[-1] == head_dim and b.shape[-2] >= capacity
                     and b.dtype == dtype and _same_device(b.device, device)]
             if fits:
+                kept = {i: reusable(self._contents.get(id(self._idle[i])), want, parts) if want else 0 for i in fits}
+                best = min(fits, key=lambda i: (-kept[i], id(self._idle[i]) in self._contents,
+                                                self._idle[i].shape[-2]))
                 self.hits += 1
-                return self._idle.pop(min(fits, key=lambda i: self._idle[i].shape[-2]))
+                if kept[best]:
+                    self.warm_hits += 1
+                    self.kept_tokens += kept[best]
+                block = self._idle.pop(best)
+                self._contents.pop(id(block), None)
+                return block, kept[best]
             self.misses += 1
         rounded = -(-capacity // ROUND) * ROUND if self.max_blocks else capacity
-        return torch.empty((*head, rounded, head_dim), dtype=dtype, device=device)
+        return torch.empty((*head, rounded, head_dim), dtype=dtype, device=device), 0
 
-    def give(self, block: torch.Tensor) -> None:
-        """Return a block taken from `take` once nothing reads or writes it any more."""
+    def give(self, block: torch.Tensor, contents: Contents | None = None) -> None:
+        """Return a block taken from `take` once nothing reads or writes it any more, with a record of
+        what it holds (`kv.warm.contents_of`) when a later request may continue from it."""
         if self.max_blocks == 0:
             return
         with self._lock:
             self._idle.append(block)
+            if contents is not None:
+                self._contents[id(block)] = contents
+            for old in self._idle[: max(0, len(self._idle) - self.max_blocks)]:
+                self._contents.pop(id(old), None)
             del self._idle[: max(0, len(self._idle) - self.max_blocks)]
 
     @property
@@ -65,6 +99,7 @@ class BufferPool:
     def clear(self) -> None:
         with self._lock:
             self._idle.clear()
+            self._contents.clear()
 
 
 def _same_device(a: torch.device, b: torch.device) -> bool:
