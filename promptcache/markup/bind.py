@@ -2,13 +2,14 @@
 
 Selection rules: the schema root (text outside modules) is always included; a module is included
 only when selected, its children only when selected inside it; at most one member per union;
-every parameter of a selected module needs an argument no longer than the parameter.
+every parameter of a selected module needs an argument no longer than the parameter, which is
+padded to the parameter's length with the schema's filler (a space by default).
 """
 
 from __future__ import annotations
 
 from ..errors import PromptError
-from .layout import ROOT, PromptPlan, SchemaLayout, encode_text
+from .layout import ROOT, PromptPlan, SchemaLayout, encode_text, fill
 from .nodes import Prompt, RoleBlock, Selection
 
 
@@ -82,8 +83,14 @@ def _tail_text(layout: SchemaLayout, prompt: Prompt) -> str:
     return "".join(parts)
 
 
-def bind(prompt: Prompt, layout: SchemaLayout, tokenizer) -> PromptPlan:
-    """Resolve `prompt` against `layout` (raises PromptError naming the culprit)."""
+def bind(prompt: Prompt, layout: SchemaLayout, tokenizer, *, pad_arguments: bool = True) -> PromptPlan:
+    """Resolve `prompt` against `layout` (raises PromptError naming the culprit).
+
+    `pad_arguments`: an argument shorter than its parameter is followed by the layout's filler
+    tokens up to the parameter's length, so a parameter is always `length` tokens, as it was
+    encoded (no gap in positions; an argument equal to the scaffold is exact). False leaves the
+    rest of the slot as a gap.
+    """
     if prompt.schema != layout.name:
         raise PromptError(f"prompt is for schema '{prompt.schema}', not '{layout.name}'")
     chosen: dict[str, dict] = {ROOT: {}}
@@ -96,8 +103,10 @@ def bind(prompt: Prompt, layout: SchemaLayout, tokenizer) -> PromptPlan:
             cached.append(path)
         pieces.extend((p, t, new) for t, p in zip(mod.token_ids, mod.positions))
         for name, ids in chosen[path].items():
-            start = mod.slots[name].start
-            pieces.extend((start + i, t, True) for i, t in enumerate(ids))
+            slot = mod.slots[name]
+            if pad_arguments:
+                ids = ids + fill(layout.filler, slot.length - len(ids))
+            pieces.extend((slot.start + i, t, True) for i, t in enumerate(ids))
     tail = encode_text(tokenizer, _tail_text(layout, prompt))
     pieces.extend((layout.length + i, t, True) for i, t in enumerate(tail))
     pieces.sort(key=lambda x: x[0])

@@ -146,6 +146,7 @@ class SchemaLayout:
     chat: ChatFormat
     ends_after_system: bool = False  # the schema's text ends right after a system turn
     trailing_role: str | None = None  # the schema's text ends right after a turn of this role
+    filler: tuple[int, ...] = ()  # the parameter filler's token ids (`compile_schema(param_filler=)`)
 
     def module(self, path: str) -> ModuleLayout:
         return self.modules[path]
@@ -198,6 +199,11 @@ def filler_ids(tokenizer, text: str) -> tuple[int, ...]:
     if not ids:
         raise PromptCacheError(f"param_filler {text!r} tokenizes to no tokens; give plain text such as ' '")
     return ids
+
+
+def fill(filler: tuple[int, ...], n: int) -> tuple[int, ...]:
+    """`n` filler tokens: `filler` repeated and cut."""
+    return (filler * (n // len(filler) + 1))[:n] if n > 0 else ()
 
 
 def first_role(nodes) -> str | None:
@@ -279,7 +285,7 @@ class _Compiler:
         if isinstance(node, Param):
             given = fit_scaffold(node, encode_text(self.tok, node.scaffold or ""), parent)
             rest = node.length - len(given)
-            filler = given + (self.filler * (rest // len(self.filler) + 1))[:rest]
+            filler = given + fill(self.filler, rest)
             items.append(("slot", Slot(parent, node.name, pos, node.length, filler)))
             self.state.text("x")  # an argument is text: no turn ends right before what follows
             return pos + node.length
@@ -330,7 +336,7 @@ def compile_schema(schema: Schema, tokenizer, chat: ChatFormat, *, param_filler:
     length = c.block(ROOT, schema.children, 0, True, prefix=bos, lead=lead)
     passes = _plan_passes(c.modules, c.unions)
     return SchemaLayout(schema.name, length, c.modules, tuple(c.unions), tuple(passes), chat,
-                        c.state.after_system, c.state.last_role)
+                        c.state.after_system, c.state.last_role, c.filler)
 
 
 def _walk(modules, unions, path: str, out: list, forks: list):

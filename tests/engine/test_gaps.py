@@ -19,9 +19,9 @@ from promptcache.markup.layout import ROOT, encode_text
 GAP = """
 <schema name="gap">
   You answer questions about the documents below.
-  <module name="a">The first document talks about the city, its hotel and a long trip.</module>
-  <module name="b">The second document lists what people said about water, air and the earth.</module>
-  <module name="c">Plan a trip lasting <parameter name="days" length="6"/></module>
+  <module name="a">The first document talks about the city, its hotel and a long trip.</module
+  ><module name="b">The second document lists what people said about water, air and the earth.</module
+  ><module name="c">Plan a trip lasting <parameter name="days" length="6"/></module>
 </schema>
 """
 
@@ -66,7 +66,7 @@ def test_skipped_module_equals_masked_plain_forward(engine):
 
 
 def test_gap_oracle_holds_while_decoding(engine):
-    # Gaps in two places: the skipped b, and the unfilled end of c's slot (c is computed, not cached).
+    # A gap where b is skipped; c is computed, not cached, its argument padded to the slot's length.
     layout = engine.add_schema(GAP.replace('<module name="c">', '<module name="c" cache="false">'))
     prompt = f'<prompt schema="gap"><a/><c days="3"/>{QUESTION}</prompt>'
     root, a, b, c = (layout.module(p) for p in (ROOT, "a", "b", "c"))
@@ -74,7 +74,7 @@ def test_gap_oracle_holds_while_decoding(engine):
     unfilled = c.slots["days"].length - len(arg)
     assert unfilled > 0
     ids, mask = masked([(root.token_ids, 1), (a.token_ids, 1), (b.token_ids, 0), (c.token_ids, 1),
-                        (arg, 1), (c.slots["days"].filler[:unfilled], 0), (question, 1)])
+                        (arg, 1), (c.slots["days"].filler[:unfilled], 1), (question, 1)])
     assert len(ids) == engine.plan(prompt).tokens.next_position
     greedy = []
     for _ in range(6):

@@ -8,7 +8,7 @@ import pytest
 
 from promptcache.errors import PromptError
 from promptcache.markup.bind import bind
-from promptcache.markup.chat import BUILTIN_FORMATS
+from promptcache.markup.chat import BUILTIN_FORMATS, ChatFormat
 from promptcache.markup.layout import ROOT, PromptPlan, SchemaLayout, compile_schema, encode_text
 from promptcache.markup.parse import parse_prompt, parse_schema
 from promptcache.testing import tiny_tokenizer
@@ -66,17 +66,16 @@ def test_cached_and_new_tokens():
     plan = plan_of('<trip days="3"><domestic/></trip><live/>Go?')
     slot = layout().module("trip").slots["days"]
     live = layout().module("live")
-    arg = ids("3")
+    arg = ids("3") + layout().filler * (slot.length - len(ids("3")))  # padded with the filler
     tail = ids("Go?")
-    expected_new = list(zip(range(slot.start, slot.start + len(arg)), arg, strict=True))
+    expected_new = list(zip(range(slot.start, slot.start + slot.length), arg, strict=True))
     expected_new += list(zip(live.positions, live.token_ids, strict=True))
     expected_new += list(zip(range(layout().length, layout().length + len(tail)), tail, strict=True))
     assert list(zip(plan.new_positions, plan.new_token_ids, strict=True)) == expected_new
     assert "live" not in plan.cached and plan.cached == (ROOT, "trip", "trip/domestic")
     cached = sum(len(layout().module(p).token_ids) for p in plan.cached)
     assert plan.cached_token_count == cached == len(plan.token_ids) - len(plan.new_token_ids)
-    # The unfilled rest of the slot is a gap.
-    assert set(plan.positions).isdisjoint(range(slot.start + len(arg), slot.start + slot.length))
+    assert set(range(slot.start, slot.start + slot.length)) <= set(plan.positions)
 
 
 def test_tail_follows_the_end_of_the_schema():
@@ -161,3 +160,26 @@ def test_argument_longer_than_its_parameter():
 def test_prompt_for_another_schema():
     msg = prompt_error("<city/>", schema="other")
     assert "'other'" in msg and "'travel'" in msg
+
+
+def test_padded_arguments_fill_their_slot_with_the_filler():
+    plan = plan_of('<trip days="3"/>Go')  # padded by default
+    slot = layout().module("trip").slots["days"]
+    at = dict(zip(plan.positions, plan.token_ids, strict=True))
+    arg = ids("3")
+    assert [at[p] for p in range(slot.start, slot.start + slot.length)] == \
+        list(arg + layout().filler * (slot.length - len(arg)))
+    unpadded = bind(parse_prompt('<prompt schema="travel"><trip days="3"/>Go</prompt>'), layout(), tok(),
+                    pad_arguments=False)
+    assert slot.start + len(arg) not in unpadded.positions  # a gap where the argument is short
+    assert len(plan.token_ids) == len(unpadded.token_ids) + slot.length - len(arg)
+
+
+def test_a_user_turn_right_after_the_schemas_system_turn_opens_as_the_format_says():
+    fmt = ChatFormat("merged", {"system": ("<s>[INST] <<SYS>>", "<</SYS>>"), "user": ("<s>[INST] ", " [/INST]"),
+                                "assistant": (" ", " </s>")}, user_after_system="")
+    schema = compile_schema(parse_schema('<schema name="m"><system>S</system></schema>'), tok(), fmt)
+    plan = bind(parse_prompt('<prompt schema="m"><user>Q</user></prompt>'), schema, tok())
+    assert plan.new_token_ids == ids("Q [/INST]")
+    plan = bind(parse_prompt('<prompt schema="m">Note.<user>Q</user></prompt>'), schema, tok())
+    assert plan.new_token_ids == ids("Note.<s>[INST] Q [/INST]")

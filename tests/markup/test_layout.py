@@ -6,8 +6,9 @@ import functools
 
 import pytest
 
+from promptcache.errors import PromptCacheError
 from promptcache.markup.builder import SchemaBuilder
-from promptcache.markup.chat import BUILTIN_FORMATS
+from promptcache.markup.chat import BUILTIN_FORMATS, ChatFormat
 from promptcache.markup.layout import ROOT, SchemaLayout, compile_schema, encode_text
 from promptcache.markup.parse import parse_schema
 from promptcache.testing import tiny_tokenizer
@@ -270,3 +271,49 @@ def test_builder_gives_the_same_layout_as_xml(xml, build):
     assert schema == parse_schema(xml)
     built, parsed = compile_schema(schema, tok(), PLAIN), compile_(xml)
     assert built == parsed
+
+
+# ---- parameter filler, default scaffold, how a conversation starts ------------------------------
+
+
+def test_parameter_slots_are_filled_with_plain_text_by_default():
+    slot = compile_(TRIP).module("trip").slots["days"]
+    assert slot.filler == encode_text(tok(), " ") * 5
+    unk = compile_schema(parse_schema(TRIP), tok(), PLAIN, param_filler=tok().unk_token)
+    assert unk.module("trip").slots["days"].filler == (tok().unk_token_id,) * 5
+    city = compile_schema(parse_schema(TRIP), tok(), PLAIN, param_filler="ab.").module("hint").slots["city"]
+    given, dots = encode_text(tok(), "the city"), encode_text(tok(), "ab.")
+    assert city.filler == given + (dots * 4)[: 4 - len(given)]
+
+
+def test_a_filler_that_tokenizes_to_nothing_is_refused():
+    with pytest.raises(PromptCacheError, match="param_filler ''"):
+        compile_schema(parse_schema(TRIP), tok(), PLAIN, param_filler="")
+
+
+def test_the_default_scaffold_is_the_longest_member_so_selecting_it_leaves_no_gap():
+    layout = compile_(UNION.replace(' scaffold="short"', ""))
+    (union,) = layout.unions
+    assert union.scaffold == "long" and len(layout.module("long").token_ids) == union.length
+    assert layout.module("after").start == layout.module("long").end + n_tokens("\n")
+    p0 = layout.passes[0]
+    assert list(p0.positions) == list(range(layout.length))
+
+
+SMOL = ChatFormat("smol", {r: (f"<{r}>", "</>") for r in ("system", "user", "assistant")}, "<assistant>",
+                  start="", default_system="<system>Default.</>")
+
+
+def test_a_schema_with_role_blocks_starts_as_the_template_starts_a_conversation():
+    # The template writes no BOS (start=""), so none is added although the tokenizer adds one.
+    layout = compile_('<schema name="c">Intro. <module name="m"><user>Hi</user></module></schema>', SMOL)
+    assert layout.module(ROOT).runs[0].token_ids == encode_text(tok(), "<system>Default.</>Intro. ")
+    layout = compile_('<schema name="c"><system>Mine.</system><user>Hi</user></schema>', SMOL)
+    assert layout.module(ROOT).token_ids == encode_text(tok(), "<system>Mine.</><user>Hi</>")
+    assert layout.trailing_role == "user" and not layout.ends_after_system
+
+
+def test_a_schema_without_role_blocks_starts_like_plain_text():
+    layout = compile_('<schema name="c">Just text.</schema>', SMOL)
+    assert layout.module(ROOT).token_ids == (tok().bos_token_id, *encode_text(tok(), "Just text."))
+    assert layout.trailing_role is None

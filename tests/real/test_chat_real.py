@@ -1,0 +1,77 @@
+"""Chats on the real model: the engine feeds exactly the template's ids and answers as transformers does."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+N = 16  # new tokens per answer
+
+CONVERSATIONS = {
+    "one-question": [{"role": "user", "content": "What is the capital of France?"}],
+    "with-system": [{"role": "system", "content": "You are a terse geography tutor."},
+                    {"role": "user", "content": "Name a river in Egypt."}],
+    "multi-turn-default-system": [
+        {"role": "user", "content": "Give me a fruit that is yellow."},
+        {"role": "assistant", "content": "A banana."},
+        {"role": "user", "content": "And one that is red?"}],
+    "multi-turn-with-system": [
+        {"role": "system", "content": "Answer in one short sentence."},
+        {"role": "user", "content": "What is 2 + 2?"},
+        {"role": "assistant", "content": "2 + 2 is 4."},
+        {"role": "user", "content": "And 3 + 3?"}],
+    "markup-and-unicode": [{"role": "user", "content": "Is <b>bold</b> & ‘quoted’ text HTML?\n  Say yes or no."}],
+}
+
+
+def template_ids(tokenizer, messages) -> list[int]:
+    return list(tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_dict=False))
+
+
+def transformers_answer(model, ids: list[int], stop_ids, n: int = N) -> tuple[int, ...]:
+    """transformers' own greedy generate on `ids`; the new tokens, without a final stop token."""
+    inputs = torch.tensor([ids])
+    with torch.inference_mode():
+        out = model.generate(inputs, attention_mask=torch.ones_like(inputs), max_new_tokens=n, do_sample=False,
+                             eos_token_id=sorted(stop_ids), pad_token_id=sorted(stop_ids)[0])
+    new = out[0, len(ids):].tolist()
+    return tuple(new[:-1] if new and new[-1] in stop_ids else new)
+
+
+@pytest.mark.parametrize("name", sorted(CONVERSATIONS))
+def test_a_chat_feeds_the_templates_ids_and_answers_as_transformers(engine, smollm2, name):
+    messages = CONVERSATIONS[name]
+    ids = template_ids(smollm2.tokenizer, messages)
+    assert engine.plan(messages).token_ids == tuple(ids)
+    out = engine.generate(messages, max_new_tokens=N)
+    assert out.usage.input_tokens == len(ids)
+    assert out.token_ids == transformers_answer(smollm2.model, ids, engine.stop_ids)
+    assert out.text.strip(), "an empty answer makes the comparison meaningless"
+
+
+def test_the_templates_default_system_prompt_is_fed_when_there_is_no_system_message(engine, smollm2):
+    text = smollm2.tokenizer.decode(engine.plan(CONVERSATIONS["one-question"]).token_ids)
+    assert text.startswith("<|im_start|>system\nYou are a helpful AI assistant named SmolLM")
+    text = smollm2.tokenizer.decode(engine.plan(CONVERSATIONS["with-system"]).token_ids)
+    assert text.startswith("<|im_start|>system\nYou are a terse geography tutor.<|im_end|>\n<|im_start|>user\n")
+    assert "SmolLM" not in text
+
+
+def test_conversation_turns_reuse_earlier_turns_and_match_transformers(engine, smollm2):
+    conv = engine.chat()
+    previous = 0
+    for question in ("What is the capital of Italy?", "What is it famous for?", "Name one dish from there."):
+        ids = template_ids(smollm2.tokenizer, [*conv.messages, {"role": "user", "content": question}])
+        out = conv.send(question, max_new_tokens=N)
+        assert out.usage.input_tokens == len(ids)
+        assert out.usage.cached_tokens >= previous
+        assert out.token_ids == transformers_answer(smollm2.model, ids, engine.stop_ids)
+        previous = out.usage.input_tokens
+
+
+def test_a_pml_conversation_feeds_the_same_ids_as_the_chat(engine, smollm2):
+    engine.add_schema('<schema name="tutor"><system>You are a terse geography tutor.</system></schema>')
+    pml = '<prompt schema="tutor"><user>Name a river in Egypt.</user></prompt>'
+    assert engine.plan(pml).token_ids == engine.plan(CONVERSATIONS["with-system"]).token_ids
+    engine.add_schema('<schema name="plain"><user>What is the capital of France?</user></schema>')
+    assert engine.plan('<prompt schema="plain"/>').token_ids == engine.plan(CONVERSATIONS["one-question"]).token_ids
