@@ -229,10 +229,9 @@ class Blend:
         fresh = None
         if self.policy.rule == "deviation" and 0 < budget < len(cands):
             scores, fresh = self._probe(adapter, cache, k_pos, parts, len(kept), cands)
-            order = torch.sort(scores, descending=True, stable=True).indices[:budget].tolist()
-            chosen = sorted(cands[j] for j in order)
+            chosen = pick("deviation", cands, budget, scores=scores)
         else:
-            chosen = _structural(self.policy.rule, self.seq, cands, budget)
+            chosen = pick(self.policy.rule, cands, budget, run_starts=_run_starts(self.seq, cands))
         chosen_set = set(chosen)
         reuse = [j for j, i in enumerate(cands) if i not in chosen_set]  # indices into cands
         n_fixed = self._write_reused(cache, parts, len(kept), [cands[j] for j in reuse], fresh, reuse)
@@ -271,36 +270,42 @@ class Blend:
         norm_v = values.float().pow(2).sum(dim=(0, 1, 3)).mean().clamp(min=1e-12)
         return dk / norm_k + dv / norm_v, fresh
 
-    def _stored(self, parts: list[KVStates], idx: list[int], layer: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def _stored(self, parts: list[KVStates], idx: list[int], layer: int, gather=None,
+                ) -> tuple[torch.Tensor, torch.Tensor]:
         """Stored keys (moved to their frame positions) and values of seq tokens `idx` at `layer`."""
         ref = parts[0].keys[layer]
         shape = (ref.shape[0], ref.shape[1], len(idx), ref.shape[3])
         keys, values = ref.new_empty(shape), ref.new_empty(shape)
-        by_part: dict[int, tuple[list[int], list[int]]] = {}
-        for j, i in enumerate(idx):
-            cols, offs = by_part.setdefault(self.seq[i].part, ([], []))
-            cols.append(j)
-            offs.append(self.seq[i].offset)
-        for part, (cols, offs) in by_part.items():
-            src = torch.tensor(offs, dtype=torch.long, device=ref.device)
-            dst = torch.tensor(cols, dtype=torch.long, device=ref.device)
-            keys[:, :, dst] = parts[part].keys[layer].index_select(2, src).to(ref.device)
-            values[:, :, dst] = parts[part].values[layer].index_select(2, src).to(ref.device)
+        gather = gather or self._gather(idx, ref.device)
+        for part, (src, dst) in gather.items():
+            keys[:, :, dst] = parts[part].keys[layer].index_select(2, src.to(parts[part].device)).to(ref.device)
+            values[:, :, dst] = parts[part].values[layer].index_select(2, src.to(parts[part].device)).to(ref.device)
         delta = torch.tensor([self.frame[i] - self.seq[i].position for i in idx], dtype=torch.long)
         if self.mover is not None and bool(delta.any()):
             keys = self.mover.move(keys, delta)
         return keys, values
+
+    def _gather(self, idx: list[int], device) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
+        """Per part: (offsets in the part, columns in the output) of seq tokens `idx`."""
+        by_part: dict[int, tuple[list[int], list[int]]] = {}
+        for j, i in enumerate(idx):
+            offs, cols = by_part.setdefault(self.seq[i].part, ([], []))
+            offs.append(self.seq[i].offset)
+            cols.append(j)
+        return {part: (torch.tensor(offs, dtype=torch.long, device=device),
+                       torch.tensor(cols, dtype=torch.long, device=device)) for part, (offs, cols) in by_part.items()}
 
     def _write_reused(self, cache, parts: list[KVStates], at: int, idx: list[int], fresh, cols: list[int]) -> int:
         """Write reused stale tokens `idx` into slots from `at` (probed layers: their exact states); the end."""
         n = len(idx)
         if n:
             pick = torch.tensor(cols, dtype=torch.long, device=cache.block.device)
+            gather = self._gather(idx, cache.block.device)
             for la, layer in enumerate(cache.layers):
                 if fresh is not None and la < len(fresh):
                     keys, values = fresh[la][0].index_select(2, pick), fresh[la][1].index_select(2, pick)
                 else:
-                    keys, values = self._stored(parts, idx, la)
+                    keys, values = self._stored(parts, idx, la, gather)
                 layer.k_buf[:, :, at:at + n].copy_(keys)
                 layer.v_buf[:, :, at:at + n].copy_(values)
         for layer in cache.layers:
@@ -322,23 +327,36 @@ def _runs(parts: list[KVStates], seq: list[_Token], idx: list[int]) -> list[KVSt
     return out
 
 
-def _structural(rule: str, seq: list[_Token], cands: list[int], budget: int) -> list[int]:
-    """The `budget` candidates a position-only rule picks, in seq order."""
+def _run_starts(seq: list[_Token], cands: list[int]) -> list[bool]:
+    """Per candidate: does a run of stale tokens start there (another part, a kept or new token
+    before it, or a position jump)?"""
+    return [j == 0 or cands[j - 1] != i - 1 or seq[cands[j - 1]].part != seq[i].part
+            or seq[cands[j - 1]].position + 1 != seq[i].position for j, i in enumerate(cands)]
+
+
+def pick(rule: str, cands: list[int], budget: int, *, scores: torch.Tensor | None = None,
+         run_starts: list[bool] | None = None) -> list[int]:
+    """The `budget` candidates (prompt indices, ascending) that `rule` recomputes, ascending.
+
+    Args:
+        rule: one of `RULES`; "deviation" needs `scores` (one per candidate, higher first; ties:
+            earlier first), "leading" needs `run_starts` (else every candidate starts a run).
+        cands: the candidates.
+        budget: how many to pick.
+    """
     if budget <= 0:
         return []
     if budget >= len(cands):
         return list(cands)
-    if rule == "first" or rule == "deviation":  # deviation with nothing to choose between
-        return cands[:budget]
+    if rule == "deviation" and scores is not None:
+        order = torch.sort(scores, descending=True, stable=True).indices[:budget].tolist()
+        return sorted(cands[j] for j in order)
     if rule == "uniform":
         return sorted({cands[(m * len(cands)) // budget] for m in range(budget)})
-    # leading: offsets from the start of each run of stale tokens (a break: another part, a
-    # kept or new token between, or a position jump), round-robin over runs
-    offset, ranked = 0, []
-    for j, i in enumerate(cands):
-        prev = cands[j - 1] if j else None
-        run_start = prev is None or prev != i - 1 or seq[prev].part != seq[i].part \
-            or seq[prev].position + 1 != seq[i].position
-        offset = 0 if run_start else offset + 1
-        ranked.append((offset, j))
-    return sorted(cands[j] for _, j in sorted(ranked)[:budget])
+    if rule == "leading":  # offsets from the start of each run, round-robin over runs
+        offset, ranked = 0, []
+        for j, start in enumerate(run_starts or [True] * len(cands)):
+            offset = 0 if start else offset + 1
+            ranked.append((offset, j))
+        return sorted(cands[j] for _, j in sorted(ranked)[:budget])
+    return cands[:budget]  # "first" (and "deviation" without scores)

@@ -10,11 +10,11 @@ import pytest
 import torch
 
 import promptcache as pc
-from promptcache.engine.recompute import Recompute
+from promptcache.engine.recompute import Recompute, pick
 from promptcache.markup.layout import encode_text
 from promptcache.models.relocate import key_mover
 
-from .conftest import ARCHS, make_engine
+from .conftest import ARCHS, DOCS, make_engine
 
 SCHEMA = """<schema name="g">
   <system>You answer questions about the documents below.</system>
@@ -84,6 +84,46 @@ def test_exact_selection_is_never_touched(engine):
     assert out.usage.recomputed_tokens == 0 and out.usage.cached_tokens == engine.plan(text).tokens.cached_token_count
 
 
+SHORT_SCAFFOLD = """<schema name="s">
+  <system>You answer questions about the documents below.</system>
+  <module name="a">The first document talks about the city, its hotel and a long trip by the sea.</module>
+  <union scaffold="brief">
+    <module name="brief">Answer briefly.</module>
+    <module name="detailed">Answer in detail, citing the document each fact comes from, step by step.</module>
+  </union>
+  <module name="c">The last document is about a garden with roses, a pond and an old stone wall.</module>
+  <module name="d">The trip lasts <parameter name="days" length="{n}" scaffold="seven"/> days.</module>
+</schema>"""
+
+
+def test_a_gap_the_schema_encoded_is_kept_and_closed_only_when_states_are_stale(engine):
+    # brief, the scaffold, is shorter than its union: the schema itself has a gap after it.
+    engine.add_schema(SHORT_SCAFFOLD.format(n=len(encode_text(engine.tokenizer, "seven"))))
+    as_encoded = '<prompt schema="s"><a/><brief/><c/><d days="seven"/><user>Why?</user></prompt>'
+    plain, _ = first_logits(engine, as_encoded, 0.0)
+    logits, recomputed = first_logits(engine, as_encoded, 1.0)
+    assert torch.equal(logits, plain) and recomputed == 0
+    # Another argument: d is stale, c is not, but c sits after the gap: moved, it must be recomputed too.
+    changed = as_encoded.replace('days="seven"', 'days="nine"')
+    full = engine.generate(changed, max_new_tokens=10, enable_cache=False)
+    assert engine.generate(changed, max_new_tokens=10, recompute=1.0).token_ids == full.token_ids
+    logits, recomputed = first_logits(engine, changed, 1.0)
+    torch.testing.assert_close(logits, first_logits(engine, changed, cached=False)[0], rtol=1e-4, atol=1e-4)
+
+
+def test_a_trailing_gap_moves_only_the_new_tokens(engine):
+    engine.add_schema(DOCS)
+    text = '<prompt schema="docs"><intro/><code/>What is the answer?</prompt>'  # notes skipped: a gap at the end
+    full, _ = first_logits(engine, text, cached=False)
+    logits, recomputed = first_logits(engine, text, Recompute(0.5))
+    assert recomputed == 0
+    torch.testing.assert_close(logits, full, rtol=1e-4, atol=1e-4)
+    assert (first_logits(engine, text, 0.0)[0] - full).abs().max() > 1e-4
+    out = engine.generate(text, max_new_tokens=10, recompute=0.5)
+    assert out.token_ids == engine.generate(text, max_new_tokens=10, enable_cache=False).token_ids
+    assert out.usage.cached_tokens == engine.plan(text).tokens.cached_token_count
+
+
 @pytest.mark.parametrize("arch", ["llama", "falcon", "mpt"])
 @pytest.mark.parametrize("rule", ["deviation", "leading", "first", "uniform"])
 def test_partial_recompute_counts_its_tokens(arch, rule):
@@ -138,6 +178,34 @@ def test_moved_keys_equal_keys_computed_there(arch):
     torch.testing.assert_close(back, k_near, rtol=1e-5, atol=1e-5)
     if arch != "mpt":  # RoPE: the keys do carry their position
         assert (k_near - k_far).abs().max() > 1e-3
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("rule", ["first", "deviation"])
+def test_every_slot_holds_its_tokens_layer0_state_at_its_position(arch, rule):
+    # Layer 0's keys and values depend on a token and its position only: in the request cache each
+    # slot must hold the full prefill's at the slot's position (kept, moved or recomputed alike).
+    engine = deep_engine(arch)
+    text = prompt(STALE["skipped"])
+    with engine.prefill(engine.plan(text, enable_cache=False)) as full:
+        fk, fv = full.cache.layers[0].keys.clone(), full.cache.layers[0].values.clone()
+    with engine.prefill(engine.plan(text), recompute=Recompute(0.1, rule=rule)) as pre:
+        assert pre.recomputed_tokens > 0 and pre.next_position == pre.length == fk.shape[2]
+        pos = pre.key_positions[:pre.length]
+        assert sorted(pos.tolist()) == list(range(pre.length))
+        torch.testing.assert_close(pre.cache.layers[0].keys[:, :, :pre.length], fk[:, :, pos], rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(pre.cache.layers[0].values[:, :, :pre.length], fv[:, :, pos], rtol=1e-5, atol=1e-5)
+
+
+def test_rules_pick_as_documented():
+    cands = [3, 4, 5, 6, 10, 11, 12, 13]
+    assert pick("first", cands, 3) == [3, 4, 5]
+    assert pick("uniform", cands, 4) == [3, 5, 10, 12]
+    starts = [True, False, False, False, True, False, False, False]
+    assert pick("leading", cands, 4, run_starts=starts) == [3, 4, 10, 11]
+    scores = torch.tensor([0.1, 0.9, 0.2, 0.9, 0.0, 0.5, 0.3, 0.1])
+    assert pick("deviation", cands, 3, scores=scores) == [4, 6, 11]
+    assert pick("deviation", cands, 0, scores=scores) == [] and pick("leading", cands, 9) == cands
 
 
 def snapshot(engine) -> dict:
