@@ -44,6 +44,48 @@ def needs_position_mask(q_pos: torch.Tensor, past_pos: torch.Tensor | None) -> b
     return past_pos is not None and past_pos.numel() > 0 and int(q_pos.min()) <= int(past_pos.max())
 
 
+ATTENTION = "promptcache"
+"""The attention the engine registers with transformers' `AttentionInterface`: SDPA, except for a
+single query (decoding), which runs as two grouped matmuls (`one_query_attention`)."""
+
+
+def one_query_attention(module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                        attention_mask: torch.Tensor | None, dropout: float = 0.0, scaling: float | None = None,
+                        **kwargs) -> tuple[torch.Tensor, None]:
+    """Attention with transformers' `sdpa` signature; a lone query skips SDPA's kernels.
+
+    NOTE: for one query torch's CPU flash kernel is slow in bfloat16 (~1 ms per layer at 1k keys,
+    ~10 ms at 3k, where two matmuls take ~0.1-0.2 ms): it works in blocks meant for many queries.
+    The heads of a key/value group share their keys, so the query's heads are grouped instead of
+    the keys repeated; the softmax runs in float32.
+    """
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    if query.shape[2] != 1 or dropout or kwargs.get("position_bias") is not None or kwargs.get("softcap"):
+        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout,
+                                      scaling=scaling, **kwargs)
+    # query: [b, heads, 1, d]; key, value: [b, kv_heads, keys, d]
+    b, heads, _, d = query.shape
+    groups = key.shape[1]
+    q = query.reshape(b, groups, heads // groups, d)
+    scores = torch.matmul(q, key.transpose(-1, -2)) * (d ** -0.5 if scaling is None else scaling)
+    if attention_mask is not None:  # [b or 1, 1 or heads, 1, keys]
+        mask = attention_mask[..., -key.shape[2]:]
+        if mask.shape[1] == heads:
+            mask = mask.reshape(mask.shape[0], groups, heads // groups, -1)
+        scores = scores.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool else scores + mask
+    probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(value.dtype)
+    return torch.matmul(probs, value).reshape(b, 1, heads, value.shape[-1]), None
+
+
+def _register_attention() -> None:
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+    AttentionInterface.register(ATTENTION, one_query_attention)
+    AttentionMaskInterface.register(ATTENTION, sdpa_mask)
+
+
 class Adapter:
     """Runs `model` over tokens at given positions with a cache (RoPE families need nothing more)."""
 
@@ -54,7 +96,12 @@ class Adapter:
         self.num_layers = cfg.num_hidden_layers
         self.max_positions = _max_positions(cfg)
         attn = getattr(model.config, "_attn_implementation", None)
-        if attn not in ("sdpa", "eager", None):
+        if _uses_attention_interface(model):
+            _register_attention()
+            if attn != ATTENTION:
+                logger.info("attention implementation %s -> %s (SDPA; one query: grouped matmuls)", attn, ATTENTION)
+                model.set_attn_implementation(ATTENTION)
+        elif attn not in ("sdpa", "eager", None):
             # NOTE: custom 4D position masks need an attention kernel that takes masks.
             logger.info("switching attention implementation from %s to sdpa", attn)
             model.set_attn_implementation("sdpa")
@@ -151,6 +198,14 @@ class MptAdapter(Adapter):
             yield
         finally:
             self.local.bias = None
+
+
+def _uses_attention_interface(model) -> bool:
+    """Whether the model's attention dispatches through transformers' `AttentionInterface` (Llama,
+    Mistral, Qwen2, ...; not Falcon or MPT, which branch on the implementation's name themselves)."""
+    import sys
+
+    return hasattr(sys.modules.get(type(model).__module__), "ALL_ATTENTION_FUNCTIONS")
 
 
 def _max_positions(cfg) -> int:
