@@ -103,7 +103,7 @@ class SchemaBuilder:
     @contextmanager
     def union(self, scaffold: str | None = None) -> Iterator[SchemaBuilder]:
         """Open a union of mutually exclusive modules; `scaffold` names the member encoded as the
-        context for what follows (default: the first)."""
+        context for what follows (default: the longest member)."""
         frame = yield from self._open(Union((), scaffold))
         self._top.children.append(Union(tuple(frame.children), scaffold))
 
