@@ -45,44 +45,52 @@ def needs_position_mask(q_pos: torch.Tensor, past_pos: torch.Tensor | None) -> b
 
 
 ATTENTION = "promptcache"
-"""The attention the engine registers with transformers' `AttentionInterface`: SDPA, except for a
-single query (decoding), which runs as two grouped matmuls (`one_query_attention`)."""
+"""The attention the engine registers with transformers' `AttentionInterface`: SDPA, except for a few
+queries (decoding, a short question after a cached prefix), which run as two grouped matmuls
+(`grouped_attention`)."""
+FEW_QUERIES = 32  # at most this many queries take the grouped-matmul path
 
 
-def one_query_attention(module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
-                        attention_mask: torch.Tensor | None, dropout: float = 0.0, scaling: float | None = None,
-                        **kwargs) -> tuple[torch.Tensor, None]:
-    """Attention with transformers' `sdpa` signature; a lone query skips SDPA's kernels.
+def grouped_attention(module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                      attention_mask: torch.Tensor | None, dropout: float = 0.0, scaling: float | None = None,
+                      **kwargs) -> tuple[torch.Tensor, None]:
+    """Attention with transformers' `sdpa` signature; a few queries skip SDPA's kernels.
 
-    NOTE: for one query torch's CPU flash kernel is slow in bfloat16 (~1 ms per layer at 1k keys,
-    ~10 ms at 3k, where two matmuls take ~0.1-0.2 ms): it works in blocks meant for many queries.
-    The heads of a key/value group share their keys, so the query's heads are grouped instead of
-    the keys repeated; the softmax runs in float32.
+    NOTE: for a few queries over many keys torch's CPU SDPA is slow, in bfloat16 above all (one
+    query over 1k keys: ~1 ms per layer, ~10 ms over 3k, where two matmuls take 0.1-0.2 ms): its
+    flash kernel works in blocks meant for many queries, and with a mask transformers first
+    repeats every key and value for each head of a group. Here the heads of a group share their
+    keys (the queries are grouped instead), and the softmax runs in float32. Several queries need
+    an explicit mask (a lone query sees every key it is given).
     """
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
-    if query.shape[2] != 1 or dropout or kwargs.get("position_bias") is not None or kwargs.get("softcap"):
+    n = query.shape[2]
+    if n > FEW_QUERIES or (n > 1 and attention_mask is None) or dropout or \
+            kwargs.get("position_bias") is not None or kwargs.get("softcap"):
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout,
                                       scaling=scaling, **kwargs)
-    # query: [b, heads, 1, d]; key, value: [b, kv_heads, keys, d]
+    # query: [b, heads, n, d]; key, value: [b, kv_heads, keys, d]; mask: [b or 1, 1 or heads, n, keys]
     b, heads, _, d = query.shape
-    groups = key.shape[1]
-    q = query.reshape(b, groups, heads // groups, d)
+    groups, keys = key.shape[1], key.shape[2]
+    q = query.reshape(b, groups, heads // groups * n, d)
     scores = torch.matmul(q, key.transpose(-1, -2)) * (d ** -0.5 if scaling is None else scaling)
-    if attention_mask is not None:  # [b or 1, 1 or heads, 1, keys]
-        mask = attention_mask[..., -key.shape[2]:]
-        if mask.shape[1] == heads:
-            mask = mask.reshape(mask.shape[0], groups, heads // groups, -1)
+    scores = scores.view(b, groups, heads // groups, n, keys)
+    if attention_mask is not None:
+        mask = attention_mask[..., -keys:]
+        mask = mask.reshape(mask.shape[0], groups, heads // groups, n, keys) if mask.shape[1] == heads \
+            else mask.unsqueeze(1)
         scores = scores.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool else scores + mask
     probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(value.dtype)
-    return torch.matmul(probs, value).reshape(b, 1, heads, value.shape[-1]), None
+    out = torch.matmul(probs.view(b, groups, heads // groups * n, keys), value)
+    return out.view(b, heads, n, value.shape[-1]).transpose(1, 2).contiguous(), None
 
 
 def _register_attention() -> None:
     from transformers import AttentionInterface
     from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
-    AttentionInterface.register(ATTENTION, one_query_attention)
+    AttentionInterface.register(ATTENTION, grouped_attention)
     AttentionMaskInterface.register(ATTENTION, sdpa_mask)
 
 
@@ -99,7 +107,7 @@ class Adapter:
         if _uses_attention_interface(model):
             _register_attention()
             if attn != ATTENTION:
-                logger.info("attention implementation %s -> %s (SDPA; one query: grouped matmuls)", attn, ATTENTION)
+                logger.info("attention implementation %s -> %s (SDPA; a few queries: grouped matmuls)", attn, ATTENTION)
                 model.set_attn_implementation(ATTENTION)
         elif attn not in ("sdpa", "eager", None):
             # NOTE: custom 4D position masks need an attention kernel that takes masks.

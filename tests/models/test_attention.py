@@ -1,4 +1,5 @@
-"""The engine's attention: SDPA, except one query (decoding), which is two grouped matmuls with the same result."""
+"""The engine's attention: SDPA, except a few queries (decoding, a short question), which are two grouped matmuls
+with the same result."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ import torch
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
 import promptcache as pc
-from promptcache.models.adapter import ATTENTION, adapter_for, one_query_attention
+from promptcache.models.adapter import ATTENTION, FEW_QUERIES, adapter_for, grouped_attention
 
 HEADS, KV_HEADS, DIM, KEYS = 8, 2, 16, 37
 
@@ -23,9 +24,8 @@ def _inputs(dtype: torch.dtype, queries: int = 1, seed: int = 0):
 
 
 def _masks(queries: int = 1):
-    allowed = torch.ones(1, 1, queries, KEYS, dtype=torch.bool)
+    allowed = torch.ones(1, 1, queries, KEYS, dtype=torch.bool).tril(KEYS - queries)  # causal, after a past
     allowed[..., 5:9] = False
-    allowed[..., -1] = True
     additive = torch.zeros(allowed.shape).masked_fill_(~allowed, torch.finfo(torch.float32).min)
     per_head = allowed.expand(2, HEADS, queries, KEYS).clone()
     per_head[:, 3, :, 10:20] = False
@@ -33,23 +33,26 @@ def _masks(queries: int = 1):
 
 
 @pytest.mark.parametrize("dtype, atol", [(torch.float32, 1e-5), (torch.bfloat16, 2e-2)])
-@pytest.mark.parametrize("mask", ["none", "bool", "additive", "per-head"])
+@pytest.mark.parametrize("queries, mask", [(1, "none"), (1, "bool"), (1, "additive"), (1, "per-head"),
+                                           (5, "bool"), (5, "additive"), (5, "per-head"), (FEW_QUERIES, "bool")])
 @pytest.mark.parametrize("scaling", [None, 0.3])
-def test_one_query_equals_sdpa(dtype, atol, mask, scaling):
-    module, q, k, v = _inputs(dtype)
-    m = _masks()[mask]
+def test_few_queries_equal_sdpa(dtype, atol, queries, mask, scaling):
+    module, q, k, v = _inputs(dtype, queries)
+    m = _masks(queries)[mask]
     if m is not None and m.dtype != torch.bool:
         m = m.to(dtype)
-    got, _ = one_query_attention(module, q, k, v, m, scaling=scaling)
+    got, _ = grouped_attention(module, q, k, v, m, scaling=scaling)
     want, _ = sdpa_attention_forward(module, q, k, v, m, scaling=scaling)
-    assert got.shape == want.shape == (2, 1, HEADS, DIM)
+    assert got.shape == want.shape == (2, queries, HEADS, DIM)
     assert torch.allclose(got.float(), want.float(), atol=atol)
 
 
-def test_many_queries_go_to_sdpa():
-    module, q, k, v = _inputs(torch.float32, queries=4)
-    got, _ = one_query_attention(module, q, k, v, None)
-    want, _ = sdpa_attention_forward(module, q, k, v, None)
+@pytest.mark.parametrize("queries, mask", [(FEW_QUERIES + 1, "bool"), (4, "none")])
+def test_many_queries_or_no_mask_go_to_sdpa(queries, mask):
+    module, q, k, v = _inputs(torch.float32, queries)
+    m = _masks(queries)[mask]
+    got, _ = grouped_attention(module, q, k, v, m)
+    want, _ = sdpa_attention_forward(module, q, k, v, m)
     assert torch.equal(got, want)
 
 
