@@ -40,7 +40,8 @@ def check_messages(messages: Sequence) -> list[dict[str, str]]:
 
 def chat_token_ids(messages: Sequence[Mapping[str, str]], tokenizer, chat: ChatFormat,
                    bos: tuple[int, ...]) -> list[int]:
-    """The token ids of a chat, ending with the generation prompt unless the last turn is the assistant's.
+    """The token ids of a chat, ending with the generation prompt (also after a final assistant
+    message: the model then writes a new assistant turn, as vLLM's chat API does by default).
 
     Args:
         messages: validated messages (`check_messages`).
@@ -48,9 +49,8 @@ def chat_token_ids(messages: Sequence[Mapping[str, str]], tokenizer, chat: ChatF
         chat: the engine's chat format; with a `template`, the template renders the chat.
         bos: the tokenizer's leading BOS, used when `chat.start` is None (turn-by-turn formats).
     """
-    reply = messages[-1]["role"] != "assistant"
     if chat.template is not None:
-        return _template_ids(messages, tokenizer, chat.template, reply)
+        return _template_ids(messages, tokenizer, chat.template)
     ids = list(bos) if chat.start is None else []
     ids.extend(encode_text(tokenizer, chat.preamble(messages[0]["role"])))
     after_system = False
@@ -58,15 +58,14 @@ def chat_token_ids(messages: Sequence[Mapping[str, str]], tokenizer, chat: ChatF
         for piece in (chat.opener(m["role"], after_system), m["content"], chat.roles[m["role"]][1]):
             ids.extend(encode_text(tokenizer, piece))
         after_system = m["role"] == "system"
-    if reply:
-        ids.extend(encode_text(tokenizer, chat.roles["assistant"][0]))
+    ids.extend(encode_text(tokenizer, chat.roles["assistant"][0]))
     return ids
 
 
-def _template_ids(messages: Sequence[Mapping[str, str]], tokenizer, template: str, reply: bool) -> list[int]:
+def _template_ids(messages: Sequence[Mapping[str, str]], tokenizer, template: str) -> list[int]:
     try:
         ids = tokenizer.apply_chat_template(list(messages), chat_template=template, tokenize=True,
-                                            add_generation_prompt=reply, return_dict=False)
+                                            add_generation_prompt=True, return_dict=False)
     except Exception as exc:  # noqa: BLE001 - Jinja raises anything (raise_exception, TemplateError)
         roles = ", ".join(m["role"] for m in messages)
         raise PromptError(f"the model's chat template cannot render these messages (roles: {roles}): "
