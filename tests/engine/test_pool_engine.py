@@ -68,5 +68,5 @@ def test_abandoned_stream_returns_its_block():
 def test_pool_size_is_validated_and_defaults_on_cpu():
     assert make_engine("llama").pool.max_blocks == 4
     assert make_engine("llama", pool_blocks=1).pool.max_blocks == 1
-    with pytest.raises(PromptCacheError, match="pool_blocks must be an int >= 0"):
+    with pytest.raises(PromptCacheError, match="pool_blocks=-2: must be None or an int >= 0"):
         make_engine("llama", pool_blocks=-2)
