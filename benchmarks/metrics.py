@@ -50,6 +50,18 @@ def exact_match(prediction: str, ground_truth: str) -> float:
     return float(normalize_answer(prediction) == normalize_answer(ground_truth))
 
 
+def contains_answer(prediction: str, ground_truth: str) -> float:
+    """1.0 when the normalized ground truth occurs in the normalized prediction as whole words.
+
+    For short-answer QA where a chatty model answers in a sentence ("Maria Holm founded it in
+    1998." contains "Maria Holm"); "3" does not occur in "13 lamps".
+    """
+    pred, ref = normalize_answer(prediction).split(), normalize_answer(ground_truth).split()
+    if not ref:
+        return 0.0
+    return float(any(pred[i:i + len(ref)] == ref for i in range(len(pred) - len(ref) + 1)))
+
+
 def token_f1(a: str, b: str) -> float:
     """Symmetric token F1 between two outputs (e.g. cached vs. uncached); two empty outputs agree."""
     a_tokens, b_tokens = normalize_answer(a).split(), normalize_answer(b).split()

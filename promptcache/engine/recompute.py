@@ -21,13 +21,17 @@ Given `Recompute(fraction)`, a prompt's request runs in three steps (`Blend.pref
 3. Recompute `round(fraction * spliced tokens)` stale tokens (the prompt's new tokens are always
    computed), chosen by `rule`, attending to everything before them in the prompt; the rest are
    reused. The rules:
+   - "first" (the default): the stale tokens right after the first change, a partial prefix
+     recompute. Their recomputed states are exactly the full prefill's (everything they attend to
+     is kept or recomputed), and on SmolLM2-135M a stale token's deviation from the full prefill
+     falls with its distance from the change: measured best or tied on every setup, and the
+     cheapest (benchmarks/README.md, "Selective recompute").
    - "deviation" (CacheBlend's idea): run every stale and new token through the first
-     `probe_layer + 1` decoder layers in the prompt's real context (cheap: a few of the model's
-     layers), and recompute the tokens whose keys and values at that layer moved furthest from the
-     stored ones. The probe's exact states of the early layers replace the stored ones of every
-     stale token that is reused.
+     `probe_layer + 1` decoder layers in the prompt's real context (a few of the model's layers)
+     and recompute the tokens whose keys and values at that layer moved furthest from the stored
+     ones. The probe's exact states of the early layers replace the stored ones of every stale
+     token that is reused.
    - "leading" (EPIC's LegoLink): the first tokens of each run of stale tokens, round-robin.
-   - "first": the stale tokens right after the first change (a partial prefix recompute).
    - "uniform": evenly spaced stale tokens (a control).
 
 `fraction=1.0` recomputes every stale token: the prefill is then the full prefill of the same text
@@ -53,7 +57,7 @@ from . import prefill as _prefill
 from .prefill import CacheSpec, Prefill, prefill_modules, run_chunks
 
 DEFAULT_RECOMPUTE = 0.0  # NOTE: measured choice, see benchmarks/README.md (quality)
-RULES = ("deviation", "leading", "first", "uniform")
+RULES = ("first", "deviation", "leading", "uniform")
 
 
 @dataclass(frozen=True)
@@ -68,7 +72,7 @@ class Recompute:
     """
 
     fraction: float
-    rule: str = "deviation"
+    rule: str = "first"
     probe_layer: int = 1
     close_gaps: bool = True
 

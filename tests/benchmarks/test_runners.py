@@ -11,7 +11,7 @@ import json
 
 import pytest
 
-from benchmarks import gaps, quality, ttft
+from benchmarks import gaps, ttft
 
 TTFT_FIELDS = {"model", "device", "context_tokens", "new_tokens", "ttft_no_cache_ms", "ttft_cache_ms",
                "ttft_ideal_ms", "speedup", "encode_ms", "splice_ms", "tpot_ms", "kv_bytes_per_token",
@@ -38,21 +38,6 @@ def test_ttft_runner(tmp_path, models):
 def test_ttft_rejects_unknown_model(tmp_path):
     with pytest.raises(SystemExit):
         ttft.main(["--models", "gpt9", "--contexts", "32", "--out", str(tmp_path)])
-
-
-def test_quality_runner(tmp_path, capsys):
-    rows = quality.main(["--quick", "--models", "llama,mpt", "--limit", "2", "--max-new-tokens", "4",
-                         "--datasets", "qa_sample,multidoc_sample", "--out", str(tmp_path)])
-    payload = json.loads((tmp_path / "quality.json").read_text())
-    assert payload["exact_setup_agreement_ok"] is True
-    assert {(r["model"].split("-")[0], r["setup"]) for r in rows} == {
-        (m, s) for m in ("llama", "mpt") for s in ("single", "multi")}
-    for row in rows:
-        assert {"dataset", "metric", "n", "score_no_cache", "score_cache", "agreement"} <= set(row)
-        assert 0 <= row["agreement"] <= 1 and 0 <= row["score_cache"] <= 100
-        if row["setup"] == "single":
-            assert row["agreement"] == 1.0
-    assert "agreement 1.000" in capsys.readouterr().out
 
 
 def test_gaps_runner(tmp_path):

@@ -153,9 +153,9 @@ def test_probe_states_replace_stale_ones_up_to_the_probe_layer(arch):
     engine = deep_engine(arch)
     text = prompt(STALE["skipped"])
     full, _ = first_logits(engine, text, cached=False)
-    exact, n = first_logits(engine, text, Recompute(0.1, probe_layer=3))
+    exact, n = first_logits(engine, text, Recompute(0.1, rule="deviation", probe_layer=3))
     torch.testing.assert_close(exact, full, rtol=1e-4, atol=1e-4)
-    partial, m = first_logits(engine, text, Recompute(0.1, probe_layer=1))
+    partial, m = first_logits(engine, text, Recompute(0.1, rule="deviation", probe_layer=1))
     assert n == m > 0 and (partial - full).abs().max() > 1e-4
 
 
@@ -213,9 +213,10 @@ def snapshot(engine) -> dict:
             for key in engine.store.keys() for st in [engine.store.get(key)]}
 
 
-JOBS = [(prompt(STALE["union"]), Recompute(0.3)), (prompt(STALE["skipped"]), 1.0),
+JOBS = [(prompt(STALE["union"]), Recompute(0.3, rule="deviation")), (prompt(STALE["skipped"]), 1.0),
         (prompt(STALE["parameter"]), Recompute(0.3, rule="leading")), (prompt(EXACT), 0.5),
-        (prompt(STALE["union"]), 0.0), (prompt(STALE["trailing"]), Recompute(0.2))]
+        (prompt(STALE["union"]), 0.0), (prompt(STALE["trailing"]), Recompute(0.2)),
+        (prompt(STALE["skipped"]), Recompute(0.2, rule="uniform"))]
 
 
 @pytest.mark.parametrize("arch", ["llama", "mpt"])

@@ -1,0 +1,154 @@
+"""What selective recompute costs: time to first token against the recompute fraction, and the plot.
+
+A schema of `--modules` document modules (deterministic filler prose, `--doc-tokens` each) after
+a system line; the prompt skips the first document and imports every other one, so every spliced
+token after the gap is stale (the worst case: the whole context after an early change). Timed,
+round-robin (`common.time_interleaved`), with the median of `--repeat` runs after a warm-up:
+
+- full: `generate(prompt, max_new_tokens=1, enable_cache=False)`, the full prefill;
+- cached at each fraction: `generate(prompt, max_new_tokens=1, recompute=Recompute(f, rule))`.
+
+With `--quality JSON` (a `quality.py` result), the plot shows each approximate setup's answer
+agreement next to the TTFT speedup, both against the fraction.
+
+    python benchmarks/recompute.py --model smollm2-135m-instruct --threads 1
+    python benchmarks/recompute.py --quick                               # tiny llama, 2 modules
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import torch  # noqa: E402
+
+from benchmarks.common import (  # noqa: E402
+    filler_text,
+    load_average,
+    median,
+    resolve_device,
+    resolve_dtype,
+    result_payload,
+    table,
+    time_interleaved,
+    write_json,
+)
+from benchmarks.quality import FRACTIONS, load_engine  # noqa: E402
+from promptcache.engine.recompute import Recompute  # noqa: E402
+
+COLUMNS = [("fraction", "frac", ".2f"), ("context_tokens", "context", "d"), ("recomputed_tokens", "recomputed", "d"),
+           ("ttft_ms", "ttft ms", ".0f"), ("ttft_full_ms", "full ms", ".0f"), ("speedup", "speedup", ".2f")]
+
+
+def schema(tokenizer, modules: int, doc_tokens: int) -> str:
+    docs = "\n".join(f'  <module name="m{i}">{filler_text(tokenizer, doc_tokens, seed=100 + i)}</module>'
+                     for i in range(modules))
+    return f'<schema name="ttft">\n  <system>Answer questions about the documents.</system>\n{docs}\n</schema>'
+
+
+def prompt(modules: int) -> str:
+    return '<prompt schema="ttft">' + "".join(f"<m{i}/>" for i in range(1, modules)) + \
+        "<user>What is the second document about?</user></prompt>"
+
+
+def measure(engine, text: str, args, device) -> list[dict]:
+    usage = {}  # setting -> the Usage of its last run
+
+    def run(key: str, recompute):
+        def go():
+            usage[key] = engine.generate(text, max_new_tokens=1, enable_cache=recompute is not None,
+                                         recompute=recompute).usage
+        return go
+
+    settings = {"full": run("full", None)}
+    for f in args.fractions:
+        settings[f"{f}"] = run(f"{f}", Recompute(f, rule=args.rule) if f > 0 else 0.0)
+    times = time_interleaved(settings, device, repeat=args.repeat)
+    full = median(times["full"])
+    plan = engine.plan(text)
+    rows = []
+    for f in args.fractions:
+        ms = median(times[f"{f}"])
+        rows.append({"fraction": f, "rule": args.rule, "context_tokens": len(plan.token_ids),
+                     "spliced_tokens": plan.tokens.cached_token_count,
+                     "recomputed_tokens": usage[f"{f}"].recomputed_tokens,
+                     "ttft_ms": ms, "ttft_full_ms": full, "speedup": full / ms})
+    return rows
+
+
+def plot(rows: list[dict], quality: dict | None, path: Path) -> Path | None:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
+    if quality is not None:
+        rule = rows[0]["rule"]
+        for setup in sorted({r["setup"] for r in quality["rows"]}):
+            pts = sorted((r["fraction"], r["agreement"]) for r in quality["rows"]
+                         if r["setup"] == setup and r["rule"] in (rule, "-"))
+            if len(pts) > 2:
+                left.plot([100 * f for f, _ in pts], [a for _, a in pts], marker="o", label=setup)
+        left.axhline(0.9, color="grey", linestyle="--", linewidth=1)
+        left.set(xlabel="recomputed (% of spliced tokens)", ylabel="answer agreement with full prefill",
+                 title=f"agreement ({quality.get('model', '')})", ylim=(0, 1.02))
+        left.legend(fontsize=8)
+    right.plot([100 * r["fraction"] for r in rows], [r["speedup"] for r in rows], marker="o")
+    right.axhline(4.0, color="grey", linestyle="--", linewidth=1)
+    right.set(xlabel="recomputed (% of spliced tokens)", ylabel="TTFT speedup over full prefill",
+              title=f"TTFT at {rows[0]['context_tokens']} tokens")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    return path
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--model", default="smollm2-135m-instruct", help="as in quality.py")
+    p.add_argument("--modules", type=int, default=17, help="document modules (the first is skipped)")
+    p.add_argument("--doc-tokens", type=int, default=256, help="tokens per document")
+    p.add_argument("--fractions", default=",".join(map(str, FRACTIONS)))
+    p.add_argument("--rule", default="first", help="the selection rule timed")
+    p.add_argument("--repeat", type=int, default=3)
+    p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--dtype", default="float32")
+    p.add_argument("--quality", help="a quality.py JSON: plot its agreement next to the speedup")
+    p.add_argument("--quick", action="store_true", help="3 modules of 32 tokens, fractions 0/0.15/1, 1 repeat")
+    p.add_argument("--out", default="benchmarks/results")
+    p.add_argument("--name", default="recompute")
+    args = p.parse_args(argv)
+    if args.quick:
+        args.modules, args.doc_tokens, args.repeat = min(args.modules, 3), min(args.doc_tokens, 32), 1
+        args.fractions = "0,0.15,1"
+    args.fractions = sorted({float(f) for f in args.fractions.split(",") if f.strip()})
+    return args
+
+
+def main(argv: list[str] | None = None) -> list[dict]:
+    args = parse_args(argv)
+    load_start = load_average()
+    device = resolve_device(args.device)
+    dtype = resolve_dtype(args.dtype, device)
+    engine, label = load_engine(args.model, device, dtype, args.threads)
+    engine.add_schema(schema(engine.tokenizer, args.modules, args.doc_tokens))
+    rows = [{"model": label, **r} for r in measure(engine, prompt(args.modules), args, device)]
+    print(table(rows, COLUMNS))
+    payload = result_payload("recompute", device, dtype, load_start, argv, rows, model=label,
+                             torch_threads=torch.get_num_threads())
+    path = write_json(args.out, f"{args.name}.json", payload)
+    quality = json.loads(Path(args.quality).read_text()) if args.quality else None
+    png = plot(rows, quality, path.with_suffix(".png"))
+    print(f"\nwrote {path}" + (f" and {png}" if png else ""))
+    return rows
+
+
+if __name__ == "__main__":
+    main()
