@@ -63,16 +63,20 @@ def normalize_content(items: Sequence[TextRun | str]) -> list[str]:
     for i, run in runs:
         before = items[i - 1] if i > 0 else LAYOUT
         after = items[i + 1] if i + 1 < len(items) else LAYOUT
-        keep = _dedent(run, margin)
-        keep = _strip(run, keep, lead=before != INLINE, trail=after != INLINE)
-        out.append("".join(run.text[j] for j in range(len(run.text)) if keep[j]))
+        cuts = _dedent(run, margin) + _edges(run, lead=before != INLINE, trail=after != INLINE)
+        out.append(_cut(run.text, cuts))
     return out
 
 
 def _line_starts(run: TextRun) -> list[int]:
     """Indices where a line starts in `run`: after each literal newline. (A run's first characters
     continue the line of the tag before it.)"""
-    return [j + 1 for j, c in enumerate(run.text) if c == "\n" and j not in run.verbatim]
+    starts, j = [], run.text.find("\n")
+    while j >= 0:
+        if j not in run.verbatim:
+            starts.append(j + 1)
+        j = run.text.find("\n", j + 1)
+    return starts
 
 
 def _indent(run: TextRun, start: int) -> int:
@@ -107,29 +111,37 @@ def _margin(runs: list[TextRun]) -> str:
     return common
 
 
-def _dedent(run: TextRun, margin: str) -> list[bool]:
-    """Which characters survive rule 2 (True: kept)."""
-    keep = [True] * len(run.text)
+def _dedent(run: TextRun, margin: str) -> list[tuple[int, int]]:
+    """Rule 2: the (start, stop) ranges of indentation to remove."""
+    cuts = []
     for start in _line_starts(run):
         end = _indent(run, start)
-        cut = end if not _holds_text(run, end) else start + len(margin)
-        for j in range(start, min(cut, end)):
-            keep[j] = False
-    return keep
+        stop = min(end, start + len(margin)) if _holds_text(run, end) else end
+        if stop > start:
+            cuts.append((start, stop))
+    return cuts
 
 
-def _strip(run: TextRun, keep: list[bool], lead: bool, trail: bool) -> list[bool]:
-    """Rules 3 and 4: drop literal whitespace at the run's ends where they touch layout."""
-    n = len(run.text)
-    j = 0
+def _edges(run: TextRun, lead: bool, trail: bool) -> list[tuple[int, int]]:
+    """Rules 3 and 4: the literal whitespace at the run's ends where they touch layout."""
+    n, j = len(run.text), 0
     while lead and j < n and run.literal(j):
-        keep[j] = False
         j += 1
-    j = n - 1
-    while trail and j >= 0 and run.literal(j):
-        keep[j] = False
-        j -= 1
-    return keep
+    k = n
+    while trail and k > j and run.literal(k - 1):
+        k -= 1
+    return [(0, j)] * (j > 0) + [(k, n)] * (k < n)
+
+
+def _cut(text: str, cuts: list[tuple[int, int]]) -> str:
+    """`text` without the (possibly overlapping) ranges `cuts`."""
+    out, at = [], 0
+    for start, stop in sorted(cuts):
+        if stop > at:
+            out.append(text[at:start])  # empty when the ranges overlap
+            at = stop
+    out.append(text[at:])
+    return "".join(out)
 
 
 # ---- which characters are verbatim: a second, event-level parse ------------------------------

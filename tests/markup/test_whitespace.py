@@ -44,6 +44,7 @@ def module_text(xml: str, name: str = "m") -> str:
     ("\n    a  \n    b\n  ", "a  \nb"),                    # trailing spaces are text
     ("\t\ta\n\t\tb", "a\nb"),
     ("\n    &#32;&#32;a\n    b\n  ", "  a\nb"),            # verbatim spaces after the indentation stay
+    ("a&#10;    b", "a\n    b"),                        # no line break typed: no indentation to remove
 ])
 def test_a_module_holds_its_text_without_the_files_layout(body: str, expected: str) -> None:
     assert module_text(f'<schema name="s">\n  <module name="m">{body}</module>\n</schema>') == expected
