@@ -84,7 +84,8 @@ class Engine:
                  store_dir: str | os.PathLike | None = None, response_cache_dir: str | os.PathLike | None = None,
                  prefix_cache: bool = True, prefix_budget_bytes: int | None = DEFAULT_PREFIX_BUDGET_BYTES,
                  pool_blocks: int | None = None, fingerprint: str = "full", progress: bool = True,
-                 recompute: float | Recompute = DEFAULT_RECOMPUTE):
+                 recompute: float | Recompute = DEFAULT_RECOMPUTE, param_filler: str = " ",
+                 pad_arguments: bool = True):
         ttl_s = checks.optional_seconds("ttl_s", ttl_s)
         prefix_budget_bytes = checks.optional_count("prefix_budget_bytes", prefix_budget_bytes)
         pool_blocks = checks.optional_count("pool_blocks", pool_blocks)
@@ -110,6 +111,10 @@ class Engine:
         self.disk = DiskStore(store_dir) if store_dir is not None else None
         self.modules = ModuleRegistry(self.adapter, tokenizer, self.chat_format, self.store, self.disk,
                                       lambda: self.identity, progress)
+        if not isinstance(param_filler, str) or not param_filler:
+            raise PromptError(f"invalid param_filler={param_filler!r:.80}: must be non-empty text")
+        self.modules.param_filler = param_filler
+        self.pad_arguments = checks.flag("pad_arguments", pad_arguments)
         self.stop_ids = eos_ids(model, tokenizer)
         self._bos = leading_bos(tokenizer)  # prepended to plain prompts and chats
         self.prefix = PrefixTree(prefix_budget_bytes, ttl_s) if prefix_cache else None
@@ -193,7 +198,7 @@ class Engine:
             check_prompt(prompt)  # parse_prompt checked text already; objects get the same rules
         if isinstance(prompt, Prompt):
             version = self.modules.current(prompt.schema)
-            tokens = bind(prompt, version.layout, self.tokenizer)
+            tokens = bind(prompt, version.layout, self.tokenizer, pad_arguments=self.pad_arguments)
             source = "modules" if enable_cache else "none"
         elif isinstance(prompt, str) or (isinstance(prompt, Sequence) and not isinstance(prompt, bytes)):
             checks.prompt_texts(prompt)

@@ -80,6 +80,7 @@ class ModuleRegistry:
                  identity: Callable[[], dict[str, str]], progress: bool = True):
         self.adapter, self.tokenizer, self.chat_format = adapter, tokenizer, chat_format
         self.store, self.disk, self.identity, self.progress = store, disk, identity, progress
+        self.param_filler = " "  # text encoded in parameter slots (markup.layout.compile_schema)
         self.versions: dict[str, SchemaVersion] = {}
         self._staged: SchemaVersion | None = None  # the version add() is encoding, not yet published
         self.lock = threading.RLock()
@@ -96,7 +97,7 @@ class ModuleRegistry:
         else:
             schema = parse_schema(schema, base_dir=base_dir)
         _check_text_fits(schema, self.adapter.max_positions)
-        layout = compile_schema(schema, self.tokenizer, self.chat_format)
+        layout = compile_schema(schema, self.tokenizer, self.chat_format, param_filler=self.param_filler)
         if layout.length > self.adapter.max_positions:
             raise PromptError(f"schema '{layout.name}' is {layout.length} positions long; the model's "
                               f"context window is {self.adapter.max_positions}")

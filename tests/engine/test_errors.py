@@ -172,6 +172,7 @@ def test_huge_max_new_tokens_is_capped_by_the_context_window(small):
     ({"prefix_budget_bytes": 1.5}, "prefix_budget"), ({"store_dir": ""}, "store_dir"),
     ({"store_dir": "a\0b"}, "store_dir"), ({"response_cache_dir": ""}, "response_cache_dir"),
     ({"pool_blocks": -1}, "pool_blocks"), ({"prefix_cache": "no"}, "prefix_cache"),
+    ({"param_filler": ""}, "param_filler"), ({"pad_arguments": "no"}, "pad_arguments"),
 ])
 def test_bad_engine_options_are_named(kwargs, culprit):
     with pytest.raises(PromptError, match=culprit):
@@ -188,3 +189,16 @@ def test_text_that_cannot_fit_is_refused_before_tokenizing(small, monkeypatch):
     text = "x" * (256 * 64 + 1)  # the small engine's window is 64 positions
     with pytest.raises(PromptError, match="context window of 64"):
         small.add_schema(f'<schema name="big"><module name="m">{text}</module></schema>')
+
+
+def test_param_filler_and_padding_are_engine_options():
+    schema = '<schema name="s"><module name="a">Trip <parameter name="d" length="5"/> days</module></schema>'
+    prompt = '<prompt schema="s"><a d="3"/>Why?</prompt>'
+    padded, gapped = make_engine("llama"), make_engine("llama", pad_arguments=False, param_filler="x")
+    for e in (padded, gapped):
+        e.add_schema(schema)
+    a, b = padded.plan(prompt).tokens, gapped.plan(prompt).tokens
+    assert a.positions == tuple(range(len(a.token_ids))) and a.next_position == b.next_position
+    assert len(b.token_ids) < len(a.token_ids), "without padding the rest of the slot is a gap"
+    filler = gapped.schema("s").modules["a"].slots["d"].filler
+    assert set(filler) <= set(gapped.tokenizer.encode("x", add_special_tokens=False))
