@@ -114,10 +114,12 @@ def test_recompute_ttft_runner(tmp_path):
     quality_json = tmp_path / "q.json"
     quality_json.write_text(json.dumps({"model": "m", "rows": [
         {"setup": "union", "rule": r, "fraction": f, "agreement": a}
-        for r, f, a in (("-", 0.0, 0.5), ("deviation", 0.15, 0.7), ("deviation", 1.0, 1.0))]}))
+        for r, f, a in (("-", 0.0, 0.5), ("first", 0.15, 0.7), ("first", 1.0, 1.0))]}))
     rows = recompute.main(["--quick", "--model", "llama", "--out", str(tmp_path), "--quality", str(quality_json)])
-    assert [r["fraction"] for r in rows] == [0.0, 0.15, 1.0]
+    assert [r["fraction"] for r in rows] == [0.0, 0.15, 1.0, None]  # None: the full prefill's own runs
+    assert all(len(r["runs_ms"]["wall"]) == len(r["runs_ms"]["cpu"]) == 1 for r in rows)
+    rows = rows[:-1]
     assert rows[0]["recomputed_tokens"] == 0 < rows[1]["recomputed_tokens"] < rows[2]["recomputed_tokens"]
     assert rows[2]["recomputed_tokens"] <= rows[2]["spliced_tokens"] < rows[2]["context_tokens"]
-    assert all(r["ttft_ms"] > 0 and r["speedup"] > 0 for r in rows)
+    assert all(r["ttft_ms"] > 0 and r["ttft_cpu_ms"] > 0 and r["speedup"] > 0 for r in rows)
     assert (tmp_path / "recompute.png").exists() == (importlib.util.find_spec("matplotlib") is not None)
