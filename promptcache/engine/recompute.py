@@ -267,23 +267,28 @@ class Blend:
                  for la in range(layer + 1)]
         for la in cache.layers:
             la.length = n_kept
-        keys, values = self._stored(parts, cands, layer)
+        keys, values = self._stored(parts, cands, layer, k_pos.device)
         dk = (fresh[layer][0] - keys).float().pow(2).sum(dim=(0, 1, 3))  # [cands]
         dv = (fresh[layer][1] - values).float().pow(2).sum(dim=(0, 1, 3))
         norm_k = keys.float().pow(2).sum(dim=(0, 1, 3)).mean().clamp(min=1e-12)
         norm_v = values.float().pow(2).sum(dim=(0, 1, 3)).mean().clamp(min=1e-12)
         return dk / norm_k + dv / norm_v, fresh
 
-    def _stored(self, parts: list[KVStates], idx: list[int], layer: int, gather=None,
+    def _stored(self, parts: list[KVStates], idx: list[int], layer: int, device: torch.device, gather=None,
                 ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Stored keys (moved to their frame positions) and values of seq tokens `idx` at `layer`."""
+        """Stored keys (moved to their frame positions) and values of seq tokens `idx` at `layer`, on `device`.
+
+        NOTE: parts may sit in host memory (the host tier) while the model runs on a GPU.
+        """
         ref = parts[0].keys[layer]
         shape = (ref.shape[0], ref.shape[1], len(idx), ref.shape[3])
-        keys, values = ref.new_empty(shape), ref.new_empty(shape)
-        gather = gather or self._gather(idx, ref.device)
+        keys = torch.empty(shape, dtype=ref.dtype, device=device)
+        values = torch.empty(shape, dtype=ref.dtype, device=device)
+        gather = gather or self._gather(idx, device)
         for part, (src, dst) in gather.items():
-            keys[:, :, dst] = parts[part].keys[layer].index_select(2, src.to(parts[part].device)).to(ref.device)
-            values[:, :, dst] = parts[part].values[layer].index_select(2, src.to(parts[part].device)).to(ref.device)
+            st, at = parts[part], src.to(parts[part].device)
+            keys[:, :, dst] = st.keys[layer].index_select(2, at).to(device, non_blocking=True)
+            values[:, :, dst] = st.values[layer].index_select(2, at).to(device, non_blocking=True)
         delta = torch.tensor([self.frame[i] - self.seq[i].position for i in idx], dtype=torch.long)
         if self.mover is not None and bool(delta.any()):
             keys = self.mover.move(keys, delta)
@@ -309,7 +314,7 @@ class Blend:
                 if fresh is not None and la < len(fresh):
                     keys, values = fresh[la][0].index_select(2, pick), fresh[la][1].index_select(2, pick)
                 else:
-                    keys, values = self._stored(parts, idx, la, gather)
+                    keys, values = self._stored(parts, idx, la, cache.block.device, gather)
                 layer.k_buf[:, :, at:at + n].copy_(keys)
                 layer.v_buf[:, :, at:at + n].copy_(values)
         for layer in cache.layers:

@@ -270,6 +270,24 @@ def test_engine_default_and_request_override():
     assert plain.usage.recomputed_tokens == 0
 
 
+TIERS = [("cpu", {}), ("cpu", {"device_budget_bytes": 0})]
+if torch.cuda.is_available():
+    TIERS += [("cuda", {}), ("cuda", {"device_budget_bytes": 0})]  # host tier: states in pinned host memory
+
+
+@pytest.mark.parametrize(("device", "budget"), TIERS)
+def test_recompute_from_every_tier_and_device(device, budget):
+    model, tok = pc.testing.tiny_model("llama", seed=0, num_layers=4)  # its own copy: .to() moves in place
+    engine = pc.Engine(model, tok, device=device, progress=False, **budget)
+    add(engine)
+    for case in ("skipped", "union"):
+        text = prompt(STALE[case])
+        full = engine.generate(text, max_new_tokens=8, enable_cache=False).token_ids
+        assert engine.generate(text, max_new_tokens=8, recompute=1.0).token_ids == full
+        for recompute in (Recompute(0.2, rule="deviation"), 0.2):
+            assert engine.generate(text, max_new_tokens=8, recompute=recompute).usage.recomputed_tokens > 0
+
+
 def test_response_cache_keys_on_recompute(tmp_path):
     engine = deep_engine("llama", response_cache_dir=tmp_path, recompute=0.0)
     text = prompt(STALE["union"])
