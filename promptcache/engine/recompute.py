@@ -41,6 +41,7 @@ is where keys are rotated and states written.
 
 from __future__ import annotations
 
+import itertools
 import math
 import numbers
 import threading
@@ -56,6 +57,7 @@ from ..models.relocate import KeyMover, key_mover, probe_forward
 from . import prefill as _prefill
 from .prefill import CacheSpec, Prefill, prefill_modules, run_chunks
 
+MAX_QUERY_RUNS = 8  # more runs of recomputed tokens than this: one masked forward, not a forward per run
 DEFAULT_RECOMPUTE = 0.0  # NOTE: measured choice, see benchmarks/README.md (quality)
 RULES = ("first", "deviation", "leading", "uniform")
 
@@ -238,16 +240,39 @@ class Blend:
             chosen = pick(self.policy.rule, cands, budget, run_starts=_run_starts(self.seq, cands))
         chosen_set = set(chosen)
         reuse = [j for j, i in enumerate(cands) if i not in chosen_set]  # indices into cands
-        n_fixed = self._write_reused(cache, parts, len(kept), [cands[j] for j in reuse], fresh, reuse)
-        k_pos[len(kept):n_fixed] = torch.tensor([self.frame[cands[j]] for j in reuse], dtype=torch.long)
         skip = set(kept) | {cands[j] for j in reuse}
         queries = [i for i in range(len(self.seq)) if i not in skip]
-        n = n_fixed + len(queries)
-        k_pos[n_fixed:n] = torch.tensor([self.frame[i] for i in queries], dtype=torch.long)
-        ids = torch.tensor([[self.seq[i].token for i in queries]], dtype=torch.long, device=spec.device)
-        logits = run_chunks(adapter, ids, k_pos, n_fixed, cache)
+        logits, n = self._fill(adapter, cache, k_pos, parts, len(kept), cands, reuse, queries, fresh)
         return Prefill(cache, k_pos, n, len(self.seq), spec.capacity - n, logits[0, -1],
-                       cached_tokens=n_fixed, recomputed_tokens=len(chosen))
+                       cached_tokens=n - len(queries), recomputed_tokens=len(chosen))
+
+    def _fill(self, adapter, cache, k_pos: torch.Tensor, parts: list[KVStates], at: int, cands: list[int],
+              reuse: list[int], queries: list[int], fresh) -> tuple[torch.Tensor, int]:
+        """Write the reused stale states (`reuse`: indices into `cands`) and run `queries` after slot `at`.
+
+        When the queries form at most `MAX_QUERY_RUNS` runs in position order, runs of reused and
+        of computed tokens go in alternately (the cache stays in position order, no position mask);
+        else every reused state goes first and all queries run in one masked forward. Returns the
+        last forward's logits and the slots filled.
+        """
+        order = sorted([(self.frame[cands[j]], False, j) for j in reuse] + [(self.frame[i], True, i) for i in queries])
+        runs = [[x[2] for x in run] for _, run in itertools.groupby(order, key=lambda x: x[1])]
+        kinds = [computed for computed, _ in itertools.groupby(order, key=lambda x: x[1])]
+        if sum(kinds) > MAX_QUERY_RUNS:
+            runs, kinds = [reuse, queries], [False, True]
+        logits = None
+        for run, computed in zip(runs, kinds):
+            if not run:
+                continue
+            if computed:
+                k_pos[at:at + len(run)] = torch.tensor([self.frame[i] for i in run], dtype=torch.long)
+                ids = torch.tensor([[self.seq[i].token for i in run]], dtype=torch.long, device=k_pos.device)
+                logits = run_chunks(adapter, ids, k_pos, at, cache)
+                at += len(run)
+            else:
+                k_pos[at:at + len(run)] = torch.tensor([self.frame[cands[j]] for j in run], dtype=torch.long)
+                at = self._write_reused(cache, parts, at, [cands[j] for j in run], fresh, run)
+        return logits, at
 
     def _probe(self, adapter, cache, k_pos: torch.Tensor, parts: list[KVStates], n_kept: int,
                cands: list[int]) -> tuple[torch.Tensor, list[tuple[torch.Tensor, torch.Tensor]]]:

@@ -10,6 +10,7 @@ import pytest
 import torch
 
 import promptcache as pc
+from promptcache.engine import recompute as recompute_module
 from promptcache.engine.recompute import Recompute, pick
 from promptcache.markup.layout import encode_text
 from promptcache.models.relocate import key_mover
@@ -195,6 +196,20 @@ def test_every_slot_holds_its_tokens_layer0_state_at_its_position(arch, rule):
         assert sorted(pos.tolist()) == list(range(pre.length))
         torch.testing.assert_close(pre.cache.layers[0].keys[:, :, :pre.length], fk[:, :, pos], rtol=1e-5, atol=1e-5)
         torch.testing.assert_close(pre.cache.layers[0].values[:, :, :pre.length], fv[:, :, pos], rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("arch", ["llama", "mpt"])
+def test_run_by_run_filling_equals_one_masked_forward(arch, monkeypatch):
+    engine = deep_engine(arch)
+    for rule in ("first", "uniform", "deviation"):
+        for case in ("skipped", "union"):
+            text, recompute = prompt(STALE[case]), Recompute(0.2, rule=rule)
+            monkeypatch.setattr(recompute_module, "MAX_QUERY_RUNS", 0)  # all reused states, one masked forward
+            masked, n = first_logits(engine, text, recompute)
+            monkeypatch.setattr(recompute_module, "MAX_QUERY_RUNS", 10**6)  # runs in position order, no mask
+            ordered, m = first_logits(engine, text, recompute)
+            assert n == m > 0
+            torch.testing.assert_close(ordered, masked, rtol=1e-4, atol=1e-4)
 
 
 def test_rules_pick_as_documented():
