@@ -73,12 +73,7 @@ class Decoder:
     def feed_pending(self) -> None:
         """Run the pending token through the model (one request, one token)."""
         token, pos = self.pending()
-        k_pos = self.pre.key_positions
-        k_pos[self.fed] = pos
-        ids = torch.tensor([[token]], dtype=torch.long, device=k_pos.device)
-        out = self.adapter.forward(ids, k_pos[self.fed:self.fed + 1], k_pos[:self.fed + 1], self.pre.cache,
-                                   logits_to_keep=1, in_order=True)
-        self.advance(out[0, -1])
+        self.advance(self.adapter.decode(token, pos, self.pre.cache, self.pre.key_positions, self.fed))
 
     def step(self) -> int | None:
         """Generate one token; None when generation ended without one (EOS, stop id, no budget)."""

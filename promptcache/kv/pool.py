@@ -76,7 +76,9 @@ class BufferPool:
                 return block, kept[best]
             self.misses += 1
         rounded = -(-capacity // ROUND) * ROUND if self.max_blocks else capacity
-        return torch.empty((*head, rounded, head_dim), dtype=dtype, device=device), 0
+        # NOTE: zeros, not empty: the compiled decode step (`models.compiled`) reads every slot and gives
+        # the unfilled ones probability 0, and 0 * NaN from uninitialised memory would still be NaN.
+        return torch.zeros((*head, rounded, head_dim), dtype=dtype, device=device), 0
 
     def give(self, block: torch.Tensor, contents: Contents | None = None) -> None:
         """Return a block taken from `take` once nothing reads or writes it any more, with a record of

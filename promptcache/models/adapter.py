@@ -65,6 +65,10 @@ def grouped_attention(module, query: torch.Tensor, key: torch.Tensor, value: tor
     """
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
+    from .compiled import BLOCK, FED, SINK, block_attention
+
+    if kwargs.get(BLOCK) is not None:  # the compiled decode step (`compiled.CompiledDecode`)
+        return block_attention(module, query, key, value, scaling, kwargs[BLOCK], kwargs[FED], kwargs[SINK]), None
     n = query.shape[2]
     if n > FEW_QUERIES or (n > 1 and attention_mask is None) or dropout or \
             kwargs.get("position_bias") is not None or kwargs.get("softcap"):
@@ -103,6 +107,7 @@ class Adapter:
         self.config = cfg
         self.num_layers = cfg.num_hidden_layers
         self.max_positions = _max_positions(cfg)
+        self.compiled = None  # a `compiled.CompiledDecode` once `compile_decode` ran
         attn = getattr(model.config, "_attn_implementation", None)
         if _uses_attention_interface(model):
             _register_attention()
@@ -129,6 +134,33 @@ class Adapter:
     @property
     def device(self) -> torch.device:
         return next(self.model.parameters()).device
+
+    def compile_decode(self, options: dict | None = None, backend: str = "inductor") -> None:
+        """Decode through a compiled one-token step from now on (`compiled.CompiledDecode`; the first
+        token compiles it, minutes on a small CPU).
+
+        Raises:
+            PromptCacheError: the model's attention does not go through transformers' AttentionInterface.
+        """
+        from .compiled import CompiledDecode
+
+        if self.model.config._attn_implementation != ATTENTION:
+            raise PromptCacheError(f"compile_decode needs a model whose attention goes through transformers' "
+                                   f"AttentionInterface (llama, mistral, qwen2, ...); {self.config.model_type} "
+                                   "does not")
+        self.compiled = CompiledDecode(self.model, options, backend)
+
+    def decode(self, token: int, position: int, cache, k_pos: torch.Tensor, fed: int) -> torch.Tensor:
+        """Logits [vocab] of one generated `token` at `position`, after the `fed` keys of `cache`.
+
+        Decoding is in order: every key in the cache is at a position before `position`. `k_pos[fed]`
+        is set to `position`.
+        """
+        k_pos[fed] = position
+        if self.compiled is not None:
+            return self.compiled(token, position, cache, fed)
+        ids = torch.tensor([[token]], dtype=torch.long, device=k_pos.device)
+        return self.forward(ids, k_pos[fed:fed + 1], k_pos[:fed + 1], cache, logits_to_keep=1, in_order=True)[0, -1]
 
     @property
     def dtype(self) -> torch.dtype:

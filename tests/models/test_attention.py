@@ -62,3 +62,21 @@ def test_adapters_pick_it_where_the_model_dispatches_through_the_interface(arch,
     model, _ = pc.testing.tiny_model(arch, seed=0)
     adapter_for(model)
     assert model.config._attn_implementation == expected
+
+
+@pytest.mark.parametrize("dtype, atol", [(torch.float32, 1e-5), (torch.bfloat16, 2e-2)])
+def test_block_attention_sees_the_filled_slots_and_its_own_key(dtype, atol):
+    from promptcache.models.compiled import block_attention
+
+    module, q, k, v = _inputs(dtype)
+    module.layer_idx = 1
+    fed, capacity = 20, 48
+    g = torch.Generator().manual_seed(3)
+    block = (torch.randn(2, 3, 2, KV_HEADS, capacity, DIM, generator=g) * 1e4).to(dtype)  # stale slots: big values
+    past_k, past_v = block[0, 1, :, :, :fed], block[1, 1, :, :, :fed]
+    new_k, new_v = k[:, :, :1], v[:, :, :1]
+    sink: list = []
+    got = block_attention(module, q, new_k, new_v, None, block, torch.tensor(fed), sink)
+    want, _ = sdpa_attention_forward(module, q, torch.cat([past_k, new_k], 2), torch.cat([past_v, new_v], 2), None)
+    assert torch.allclose(got.float(), want.float(), atol=atol)
+    assert len(sink) == 1 and sink[0][0] is new_k and sink[0][1] is new_v

@@ -1,0 +1,83 @@
+"""Engine(compile_decode=True): the compiled one-token step gives the tokens of eager decoding.
+
+Most tests trace the step with torch.compile's "eager" backend (the graph capture, the model kwargs
+that reach the attention, the read-only block, the copy of each token's states into it) in
+seconds; one slow test generates code with inductor.
+"""
+
+from __future__ import annotations
+
+import threading
+
+import pytest
+
+import promptcache as pc
+from promptcache.errors import PromptCacheError
+
+from .conftest import ALL_DOCS_PROMPT, DOCS, make_engine
+
+DOC = " ".join(["The city has a hotel by the water, and people talk about the long trip."] * 6)
+REQUESTS = [
+    DOC + " What is by the water?",     # a long prompt first: a reused block then holds stale states
+    "Tell me about the hotel.",         # a short one in a block with another request's states past its end
+    ALL_DOCS_PROMPT,
+    [{"role": "user", "content": "Plan a trip to the city."}],
+]
+TURNS = ["Plan a trip to the city.", "And the hotel?"]
+
+
+def _engine(arch: str, compiled: bool, backend: str = "eager"):
+    engine = make_engine(arch)
+    if compiled:
+        engine.adapter.compile_decode(backend=backend)
+    engine.add_schema(DOCS)
+    return engine
+
+
+def _outputs(engine) -> list[tuple[int, ...]]:
+    out = [engine.generate(p, max_new_tokens=10, ignore_eos=True).token_ids for p in REQUESTS]
+    chat = engine.chat()
+    out += [tuple(chat.send(t, max_new_tokens=6, ignore_eos=True).token_ids) for t in TURNS]  # reuses turn 1's reply
+    return out
+
+
+@pytest.mark.parametrize("arch", ["llama", "mistral", "qwen2"])
+def test_compiled_decode_gives_the_tokens_of_eager_decoding(arch):
+    eager, compiled = _engine(arch, False), _engine(arch, True)
+    assert _outputs(compiled) == _outputs(eager)
+    assert compiled.pool.warm_hits > 0  # decoded states written into the block are reused later
+
+
+def test_threads_share_one_compiled_step():
+    engine, reference = _engine("llama", True), _engine("llama", False)
+    prompts = [REQUESTS[i % 3] for i in range(6)]
+    expected = [reference.generate(p, max_new_tokens=8, ignore_eos=True).token_ids for p in prompts]
+    got: dict[int, tuple[int, ...]] = {}
+
+    def work(i: int):
+        got[i] = engine.generate(prompts[i], max_new_tokens=8, ignore_eos=True).token_ids
+
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(len(prompts))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert [got[i] for i in range(len(prompts))] == expected
+
+
+@pytest.mark.parametrize("arch", ["falcon", "mpt"])
+def test_models_outside_the_attention_interface_are_refused(arch):
+    with pytest.raises(PromptCacheError, match="compile_decode needs a model whose attention"):
+        make_engine(arch, compile_decode=True)
+
+
+def test_compile_decode_is_a_flag():
+    with pytest.raises(pc.PromptError, match="compile_decode"):
+        make_engine("llama", compile_decode="yes")
+
+
+@pytest.mark.slow
+def test_inductor_compiled_decode_gives_the_tokens_of_eager_decoding():
+    eager, compiled = _engine("llama", False), _engine("llama", True, backend="inductor")
+    assert _outputs(compiled) == _outputs(eager)
+    assert compiled.adapter.compiled.compile_s > 0
