@@ -18,8 +18,9 @@ from collections.abc import Mapping, Sequence
 
 from ..errors import PromptError
 from ..markup.chat import ChatFormat
-from ..markup.layout import PromptPlan, encode_text
+from ..markup.layout import PromptPlan
 from ..markup.nodes import ROLES
+from ..markup.tokens import Masks, encode_markers, encode_text, has_special
 
 
 def check_messages(messages: Sequence) -> list[dict[str, str]]:
@@ -52,24 +53,32 @@ def chat_token_ids(messages: Sequence[Mapping[str, str]], tokenizer, chat: ChatF
     if chat.template is not None:
         return _template_ids(messages, tokenizer, chat.template)
     ids = list(bos) if chat.start is None else []
-    ids.extend(encode_text(tokenizer, chat.preamble(messages[0]["role"])))
+    ids.extend(encode_markers(tokenizer, chat.preamble(messages[0]["role"])))
     after_system = False
     for m in messages:
-        for piece in (chat.opener(m["role"], after_system), m["content"], chat.roles[m["role"]][1]):
-            ids.extend(encode_text(tokenizer, piece))
+        ids.extend(encode_markers(tokenizer, chat.opener(m["role"], after_system)))
+        ids.extend(encode_text(tokenizer, m["content"]))
+        ids.extend(encode_markers(tokenizer, chat.roles[m["role"]][1]))
         after_system = m["role"] == "system"
-    ids.extend(encode_text(tokenizer, chat.roles["assistant"][0]))
+    ids.extend(encode_markers(tokenizer, chat.roles["assistant"][0]))
     return ids
 
 
 def _template_ids(messages: Sequence[Mapping[str, str]], tokenizer, template: str) -> list[int]:
+    """The template's ids; when a content holds a special token's string, that string is text
+    (`markup.tokens`): contents are masked, rendered, and only the template's own special tokens
+    are control ids."""
+    masks = Masks(tokenizer) if any(has_special(tokenizer, m["content"]) for m in messages) else None
+    if masks is not None:
+        messages = [{**m, "content": masks.mask(m["content"])} for m in messages]
     try:
-        ids = tokenizer.apply_chat_template(list(messages), chat_template=template, tokenize=True,
+        out = tokenizer.apply_chat_template(list(messages), chat_template=template, tokenize=masks is None,
                                             add_generation_prompt=True, return_dict=False)
     except Exception as exc:  # noqa: BLE001 - Jinja raises anything (raise_exception, TemplateError)
         roles = ", ".join(m["role"] for m in messages)
         raise PromptError(f"the model's chat template cannot render these messages (roles: {roles}): "
                           f"{exc}") from exc
+    ids = out if masks is None else masks.encode(out)
     return [int(i) for i in ids]
 
 

@@ -9,8 +9,9 @@ padded to the parameter's length with the schema's filler (a space by default).
 from __future__ import annotations
 
 from ..errors import PromptError
-from .layout import ROOT, PromptPlan, SchemaLayout, encode_text, fill
+from .layout import ROOT, PromptPlan, SchemaLayout, fill
 from .nodes import Prompt, RoleBlock, Selection
+from .tokens import Piece, encode_pieces, encode_text
 
 
 def _scope_names(layout: SchemaLayout, parent: str) -> list[str]:
@@ -60,8 +61,9 @@ def _arguments(layout: SchemaLayout, path: str, sel: Selection, tok) -> dict[str
     return out
 
 
-def _tail_text(layout: SchemaLayout, prompt: Prompt) -> str:
-    """The prompt's own text and turns, as the chat format renders them after the schema.
+def _tail_pieces(layout: SchemaLayout, prompt: Prompt) -> list[Piece]:
+    """The prompt's own text and turns, as the chat format renders them after the schema (markers
+    and text apart: the text is tokenized as text).
 
     A turn continues the schema's chat state (a user turn right after the schema's closing system
     turn opens as the format says it does there); the generation prompt follows when the last
@@ -72,15 +74,16 @@ def _tail_text(layout: SchemaLayout, prompt: Prompt) -> str:
     for node in prompt.tail:
         if isinstance(node, RoleBlock):
             text = "".join(t.text for t in node.children)
-            parts.append(chat.wrap(node.role, text, after_system))
+            parts += [Piece(chat.opener(node.role, after_system), True), Piece(text, False),
+                      Piece(chat.roles[node.role][1], True)]
             after_system, last_role = node.role == "system", node.role
         else:
-            parts.append(node.text)
+            parts.append(Piece(node.text, False))
             if node.text.strip():
                 after_system, last_role = False, None
     if last_role in ("user", "system"):
-        parts.append(chat.generation_prompt)
-    return "".join(parts)
+        parts.append(Piece(chat.generation_prompt, True))
+    return parts
 
 
 def bind(prompt: Prompt, layout: SchemaLayout, tokenizer, *, pad_arguments: bool = True) -> PromptPlan:
@@ -107,7 +110,7 @@ def bind(prompt: Prompt, layout: SchemaLayout, tokenizer, *, pad_arguments: bool
             if pad_arguments:
                 ids = ids + fill(layout.filler, slot.length - len(ids))
             pieces.extend((slot.start + i, t, True) for i, t in enumerate(ids))
-    tail = encode_text(tokenizer, _tail_text(layout, prompt))
+    tail = encode_pieces(tokenizer, _tail_pieces(layout, prompt))
     pieces.extend((layout.length + i, t, True) for i, t in enumerate(tail))
     pieces.sort(key=lambda x: x[0])
     new = [(p, t) for p, t, is_new in pieces if is_new]

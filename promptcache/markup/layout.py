@@ -43,6 +43,7 @@ from ..errors import PromptCacheError
 from .chat import ChatFormat
 from .nodes import Module, Param, RoleBlock, Schema, Text, Union
 from .rules import fit_scaffold
+from .tokens import Piece, encode_markers, encode_pieces, encode_text  # noqa: F401 - encode_text re-exported
 
 ROOT = ""
 
@@ -176,10 +177,6 @@ class PromptPlan:
         return len(self.token_ids) - len(self.new_token_ids)
 
 
-def encode_text(tokenizer, text: str) -> tuple[int, ...]:
-    return tuple(tokenizer.encode(text, add_special_tokens=False)) if text else ()
-
-
 def leading_bos(tokenizer) -> tuple[int, ...]:
     """(bos,) when the tokenizer's own convention starts sequences with BOS, else ()."""
     bos = getattr(tokenizer, "bos_token_id", None)
@@ -190,12 +187,14 @@ def leading_bos(tokenizer) -> tuple[int, ...]:
 
 
 def filler_ids(tokenizer, text: str) -> tuple[int, ...]:
-    """The token ids a parameter's unused positions are encoded with: `text`, tokenized.
+    """The token ids a parameter's unused positions are encoded with: `text`, tokenized. The filler
+    is the engine's configuration, not a user's text: a special token's string in it is that token
+    (`param_filler=tokenizer.unk_token` fills with the unk id, as the Prompt Cache paper did).
 
     Raises:
         PromptCacheError: `text` tokenizes to nothing.
     """
-    ids = encode_text(tokenizer, text) if isinstance(text, str) else ()
+    ids = encode_markers(tokenizer, text) if isinstance(text, str) else ()
     if not ids:
         raise PromptCacheError(f"param_filler {text!r} tokenizes to no tokens; give plain text such as ' '")
     return ids
@@ -244,14 +243,14 @@ class _Compiler:
         `prefix`: token ids first (the root's BOS); `lead`: text before the nodes (the root's preamble).
         """
         items: list[tuple[str, object]] = []
-        pos, pending = start, [lead]
+        pos, pending = start, [Piece(lead, True)]  # markers and text not yet tokenized
         if prefix:
             items.append(("run", Run(prefix, pos)))
             pos += len(prefix)
 
         def flush():
             nonlocal pos
-            ids = encode_text(self.tok, "".join(pending))
+            ids = encode_pieces(self.tok, pending)
             pending.clear()
             if ids:
                 items.append(("run", Run(ids, pos)))
@@ -261,13 +260,13 @@ class _Compiler:
             nonlocal pos
             for node in children:
                 if isinstance(node, Text):
-                    pending.append(node.text)
+                    pending.append(Piece(node.text, False))
                     self.state.text(node.text)
                 elif isinstance(node, RoleBlock):
-                    pending.append(self.chat.opener(node.role, self.state.after_system))
+                    pending.append(Piece(self.chat.opener(node.role, self.state.after_system), True))
                     self.state.after_system = False
                     walk(node.children)
-                    pending.append(self.chat.roles[node.role][1])
+                    pending.append(Piece(self.chat.roles[node.role][1], True))
                     self.state = _ChatState(node.role == "system", node.role)
                 else:
                     flush()

@@ -9,8 +9,9 @@ import pytest
 from promptcache.errors import PromptError
 from promptcache.markup.bind import bind
 from promptcache.markup.chat import BUILTIN_FORMATS, ChatFormat
-from promptcache.markup.layout import ROOT, PromptPlan, SchemaLayout, compile_schema, encode_text
+from promptcache.markup.layout import ROOT, PromptPlan, SchemaLayout, compile_schema
 from promptcache.markup.parse import parse_prompt, parse_schema
+from promptcache.markup.tokens import encode_markers
 from promptcache.testing import tiny_tokenizer
 
 SCHEMA = """
@@ -44,7 +45,8 @@ def plan_of(body: str, chat: str = "falcon", schema: str = "travel") -> PromptPl
 
 
 def ids(text: str) -> tuple[int, ...]:
-    return encode_text(tok(), text)
+    """`text` tokenized as one string, special tokens' strings (the formats' markers) as control ids."""
+    return encode_markers(tok(), text)
 
 
 def test_positions_are_sorted_and_tokens_sit_where_the_layout_put_them():

@@ -10,8 +10,9 @@ import pytest
 from promptcache.errors import PromptCacheError
 from promptcache.markup.bind import bind
 from promptcache.markup.chat import BUILTIN_FORMATS, ChatFormat, chat_format_for, render_messages
-from promptcache.markup.layout import compile_schema, encode_text
+from promptcache.markup.layout import compile_schema
 from promptcache.markup.parse import parse_prompt, parse_schema
+from promptcache.markup.tokens import encode_markers
 from promptcache.testing import tiny_tokenizer
 
 CHATML_TEMPLATE = (
@@ -275,7 +276,7 @@ def test_pml_role_blocks_render_as_the_template(name: str, turns: int, split: in
     # The schema and the prompt are tokenized separately: cut the template's text where the schema
     # ends. (A template need not render the schema's turns alone: Llama 2 drops a lone system turn.)
     cut = len(render_messages(fmt, schema_turns, add_generation_prompt=False))
-    expected = encode_text(tok, whole[:cut]) + encode_text(tok, whole[cut:])
+    expected = encode_markers(tok, whole[:cut]) + encode_markers(tok, whole[cut:])
     assert pml_ids(tok, fmt, schema_turns, prompt_turns) == expected
 
 
@@ -285,6 +286,6 @@ def test_a_user_block_after_a_user_block_or_text_keeps_its_opener() -> None:
     layout = compile_schema(parse_schema(
         '<schema name="c"><system>S</system>Docs:<module name="m">M</module><user>A</user><user>B</user>'
         '</schema>'), tok, fmt)
-    expected = (encode_text(tok, "<|im_start|>system\nS<|im_end|>\nDocs:") + encode_text(tok, "M")
-                + encode_text(tok, "<|im_start|>user\nA<|im_end|>\n<|im_start|>user\nB<|im_end|>\n"))
+    expected = (encode_markers(tok, "<|im_start|>system\nS<|im_end|>\nDocs:") + encode_markers(tok, "M")
+                + encode_markers(tok, "<|im_start|>user\nA<|im_end|>\n<|im_start|>user\nB<|im_end|>\n"))
     assert layout.passes[0].token_ids == expected

@@ -9,8 +9,9 @@ import pytest
 from promptcache.errors import PromptCacheError
 from promptcache.markup.builder import SchemaBuilder
 from promptcache.markup.chat import BUILTIN_FORMATS, ChatFormat
-from promptcache.markup.layout import ROOT, SchemaLayout, compile_schema, encode_text
+from promptcache.markup.layout import ROOT, SchemaLayout, compile_schema
 from promptcache.markup.parse import parse_schema
+from promptcache.markup.tokens import encode_markers
 from promptcache.testing import tiny_tokenizer
 
 PLAIN = BUILTIN_FORMATS["plain"]
@@ -81,7 +82,7 @@ def compile_(xml: str, chat=PLAIN) -> SchemaLayout:
 
 
 def n_tokens(text: str) -> int:
-    return len(encode_text(tok(), text))
+    return len(encode_markers(tok(), text))
 
 
 def all_positions(layout: SchemaLayout) -> list[int]:
@@ -94,7 +95,7 @@ def test_root_starts_with_bos_at_zero():
     assert root.start == 0 and root.positions[0] == 0
     assert root.token_ids[0] == tok().bos_token_id
     assert root.runs[0].token_ids == (tok().bos_token_id,)
-    assert root.runs[1].token_ids == encode_text(tok(), "You answer questions.\n")
+    assert root.runs[1].token_ids == encode_markers(tok(), "You answer questions.\n")
     assert root.runs[1].start == 1
 
 
@@ -102,12 +103,12 @@ def test_modules_and_the_text_between_them_are_consecutive():
     layout = compile_(FLAT)
     root, a, b = layout.module(ROOT), layout.module("a"), layout.module("b")
     assert a.start == root.runs[1].end
-    assert a.token_ids == encode_text(tok(), "The first document talks about the city.")
+    assert a.token_ids == encode_markers(tok(), "The first document talks about the city.")
     assert a.positions == tuple(range(a.start, a.end))
     # The line break written between the two modules is root text, like any other.
-    assert root.runs[2].start == a.end and root.runs[2].token_ids == encode_text(tok(), "\n")
+    assert root.runs[2].start == a.end and root.runs[2].token_ids == encode_markers(tok(), "\n")
     assert b.start == root.runs[2].end and b.end == b.start + n_tokens("Water.")
-    assert root.runs[3].start == b.end and root.runs[3].token_ids == encode_text(tok(), "\nAnswer now.")
+    assert root.runs[3].start == b.end and root.runs[3].token_ids == encode_markers(tok(), "\nAnswer now.")
     assert layout.length == root.runs[3].end == root.end
     assert sorted(all_positions(layout)) == list(range(layout.length)), "no gaps, no overlaps"
     assert root.children == ("a", "b")
@@ -140,7 +141,7 @@ def test_parameters_reserve_exactly_their_length():
     assert len(slot.filler) == 5
     # A scaffold text fills the start of its slot; the module's own tokens skip the slot.
     city = hint.slots["city"]
-    given = encode_text(tok(), "the city")
+    given = encode_markers(tok(), "the city")
     assert city.filler[: len(given)] == given and len(city.filler) == 4
     assert set(hint.positions).isdisjoint(range(city.start, city.start + 4))
     assert hint.end - hint.start == len(hint.token_ids) + 4
@@ -151,7 +152,7 @@ def test_nested_modules_inside_union_members():
     s, inner, m = layout.module("s"), layout.module("s/inner"), layout.module("m")
     assert s.children == ("s/inner",) and inner.union is None and s.union == 0
     assert inner.start == s.runs[0].end and s.runs[1].start == inner.end
-    assert inner.token_ids == encode_text(tok(), "inner text")
+    assert inner.token_ids == encode_markers(tok(), "inner text")
     assert m.start == s.start
     nested = layout.unions[1]
     assert nested.parent == "m" and nested.members == ("m/v1", "m/v2") and nested.scaffold == "m/v1"
@@ -226,7 +227,7 @@ def test_role_blocks_render_in_the_chat_format():
     xml = '<schema name="r"><module name="sys"><system>Be brief.</system></module></schema>'
     chat = BUILTIN_FORMATS["chatml"]
     layout = compile_(xml, chat)
-    assert layout.module("sys").token_ids == encode_text(tok(), chat.wrap("system", "Be brief."))
+    assert layout.module("sys").token_ids == encode_markers(tok(), chat.wrap("system", "Be brief."))
     assert layout.chat is chat
 
 
@@ -278,11 +279,11 @@ def test_builder_gives_the_same_layout_as_xml(xml, build):
 
 def test_parameter_slots_are_filled_with_plain_text_by_default():
     slot = compile_(TRIP).module("trip").slots["days"]
-    assert slot.filler == encode_text(tok(), " ") * 5
+    assert slot.filler == encode_markers(tok(), " ") * 5
     unk = compile_schema(parse_schema(TRIP), tok(), PLAIN, param_filler=tok().unk_token)
     assert unk.module("trip").slots["days"].filler == (tok().unk_token_id,) * 5
     city = compile_schema(parse_schema(TRIP), tok(), PLAIN, param_filler="ab.").module("hint").slots["city"]
-    given, dots = encode_text(tok(), "the city"), encode_text(tok(), "ab.")
+    given, dots = encode_markers(tok(), "the city"), encode_markers(tok(), "ab.")
     assert city.filler == given + (dots * 4)[: 4 - len(given)]
 
 
@@ -307,13 +308,13 @@ SMOL = ChatFormat("smol", {r: (f"<{r}>", "</>") for r in ("system", "user", "ass
 def test_a_schema_with_role_blocks_starts_as_the_template_starts_a_conversation():
     # The template writes no BOS (start=""), so none is added although the tokenizer adds one.
     layout = compile_('<schema name="c">Intro. <module name="m"><user>Hi</user></module></schema>', SMOL)
-    assert layout.module(ROOT).runs[0].token_ids == encode_text(tok(), "<system>Default.</>Intro. ")
+    assert layout.module(ROOT).runs[0].token_ids == encode_markers(tok(), "<system>Default.</>Intro. ")
     layout = compile_('<schema name="c"><system>Mine.</system><user>Hi</user></schema>', SMOL)
-    assert layout.module(ROOT).token_ids == encode_text(tok(), "<system>Mine.</><user>Hi</>")
+    assert layout.module(ROOT).token_ids == encode_markers(tok(), "<system>Mine.</><user>Hi</>")
     assert layout.trailing_role == "user" and not layout.ends_after_system
 
 
 def test_a_schema_without_role_blocks_starts_like_plain_text():
     layout = compile_('<schema name="c">Just text.</schema>', SMOL)
-    assert layout.module(ROOT).token_ids == (tok().bos_token_id, *encode_text(tok(), "Just text."))
+    assert layout.module(ROOT).token_ids == (tok().bos_token_id, *encode_markers(tok(), "Just text."))
     assert layout.trailing_role is None
