@@ -108,7 +108,8 @@ class Masks:
             return encode_markers(self.tokenizer, rendered)
         guard = _guard(self.tokenizer)
         if guard is not None:
-            return guard.encode(self.unmask(self.pattern.sub(lambda m: guard.placeholders.get(m.group(0), m.group(0)), rendered)))
+            markers = self.pattern.sub(lambda m: guard.placeholders.get(m.group(0), m.group(0)), rendered)
+            return guard.encode(self.unmask(markers))
         ids: list[int] = []  # a tokenizer without a `tokenizers` backend: stretch by stretch
         at = 0
         for m in self.pattern.finditer(rendered):
