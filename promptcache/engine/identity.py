@@ -58,7 +58,9 @@ def engine_identity(model, tokenizer, dtype: torch.dtype, chat, fingerprint: str
         "config": hashlib.sha256(cfg.encode()).hexdigest(),
         "tokenizer": tokenizer_fingerprint(tokenizer),
         "dtype": str(dtype),
-        "chat": json.dumps([chat.name, sorted(chat.roles.items()), chat.generation_prompt]),
+        "chat": json.dumps([chat.name, sorted(chat.roles.items()), chat.generation_prompt, list(chat.stop),
+                            chat.start, chat.default_system, chat.user_after_system,
+                            hashlib.sha256((chat.template or "").encode()).hexdigest()]),
     }
 
 

@@ -232,3 +232,16 @@ def make_engine_with_docs(arch):
     engine = make_engine(arch)
     engine.add_schema(DOCS)
     return engine
+
+
+def test_the_chat_formats_every_field_is_part_of_the_identity():
+    from dataclasses import replace
+
+    model, tok = pc.testing.tiny_model("llama", seed=0)
+    base = pc.Engine(model, tok, chat_format="chatml", progress=False).chat_format
+    changes = {"stop": ("<x>",), "start": "<s>", "default_system": "Be nice.", "user_after_system": "",
+               "template": "{{ messages }}", "generation_prompt": "<bot>"}
+    seen = {pc.Engine(model, tok, chat_format=base, progress=False).identity["chat"]}
+    for field, value in changes.items():
+        seen.add(pc.Engine(model, tok, chat_format=replace(base, **{field: value}), progress=False).identity["chat"])
+    assert len(seen) == 1 + len(changes)
