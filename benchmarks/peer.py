@@ -211,6 +211,20 @@ def verdicts(rows: list[dict]) -> dict[str, dict[str, bool]]:
     return out
 
 
+def engine_for(engine_cls, gguf: Path, spec: str):
+    """An engine for one `--dtypes` entry: "float32", "bfloat16", or "bfloat16+compiled" (decode step
+    compiled by `Engine(compile_decode=True)`, compiled here by a short warm-up, outside the timing)."""
+    dtype, _, variant = spec.partition("+")
+    if variant not in ("", "compiled"):
+        raise SystemExit(f"--dtypes entry {spec!r}: expected DTYPE or DTYPE+compiled")
+    engine = engine_cls.from_pretrained(str(gguf), device="cpu", dtype=dtype, progress=False,
+                                        compile_decode=variant == "compiled")
+    if variant:
+        engine.generate("Hello", max_new_tokens=4, ignore_eos=True, enable_cache=False)
+        print(f"{spec}: decode step compiled in {engine.adapter.compiled.compile_s:.0f} s", flush=True)
+    return engine
+
+
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     from promptcache.models.load import builtin_gguf
 
@@ -220,7 +234,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--repeat", type=int, default=5, help="timed repetitions per setting (median taken)")
     p.add_argument("--decode-tokens", type=int, default=64, help="tokens decoded for tokens/s")
     p.add_argument("--threads", type=int, default=2, help="CPU threads, both libraries")
-    p.add_argument("--dtypes", default="float32,bfloat16", help="promptcache dtypes, each its own engine")
+    p.add_argument("--dtypes", default="float32,bfloat16",
+                   help="promptcache dtypes, each its own engine; DTYPE+compiled compiles its decode step")
     p.add_argument("--agree", type=int, default=3,
                    help="prompts per context whose cached and uncached greedy tokens are compared (0: none)")
     p.add_argument("--note", default="", help="free text stored with the results (e.g. machine load)")
@@ -250,7 +265,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
 
     load_start = load_average()
     torch.set_num_threads(args.threads)
-    engines = {d: Engine.from_pretrained(str(args.gguf), device="cpu", dtype=d, progress=False) for d in args.dtypes}
+    engines = {spec: engine_for(Engine, args.gguf, spec) for spec in args.dtypes}
     max_positions = next(iter(engines.values())).adapter.max_positions
     peer = Peer(args.gguf, args.threads, n_ctx=min(max_positions, max(args.contexts) + 512))
     rows = []
