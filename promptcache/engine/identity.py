@@ -50,7 +50,9 @@ def tokenizer_fingerprint(tokenizer) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()
 
 
-def engine_identity(model, tokenizer, dtype: torch.dtype, chat, fingerprint: str = "full") -> dict[str, str]:
+def engine_identity(model, tokenizer, dtype: torch.dtype, chat, fingerprint: str = "full",
+                    decode: str = "weights") -> dict[str, str]:
+    """`decode`: which weights one-token steps read ("weights", or "int8": `models.int8`)."""
     cfg = model.config.to_json_string(use_diff=False)
     return {
         "model": str(getattr(model.config, "_name_or_path", "")),
@@ -58,6 +60,7 @@ def engine_identity(model, tokenizer, dtype: torch.dtype, chat, fingerprint: str
         "config": hashlib.sha256(cfg.encode()).hexdigest(),
         "tokenizer": tokenizer_fingerprint(tokenizer),
         "dtype": str(dtype),
+        "decode": decode,
         "chat": json.dumps([chat.name, sorted(chat.roles.items()), chat.generation_prompt, list(chat.stop),
                             chat.start, chat.default_system, chat.user_after_system,
                             hashlib.sha256((chat.template or "").encode()).hexdigest()]),
