@@ -212,14 +212,16 @@ def verdicts(rows: list[dict]) -> dict[str, dict[str, bool]]:
 
 
 def engine_for(engine_cls, gguf: Path, spec: str):
-    """An engine for one `--dtypes` entry: "float32", "bfloat16", or "bfloat16+compiled" (decode step
-    compiled by `Engine(compile_decode=True)`, compiled here by a short warm-up, outside the timing)."""
-    dtype, _, variant = spec.partition("+")
-    if variant not in ("", "compiled"):
-        raise SystemExit(f"--dtypes entry {spec!r}: expected DTYPE or DTYPE+compiled")
+    """An engine for one `--dtypes` entry: a dtype ("float32", "bfloat16") and options after "+":
+    "int8" (`Engine(int8_decode=True)`), "compiled" (`Engine(compile_decode=True)`, compiled here by
+    a short warm-up, outside the timing); e.g. "bfloat16+int8"."""
+    dtype, *options = spec.split("+")
+    unknown = sorted(set(options) - {"int8", "compiled"})
+    if unknown:
+        raise SystemExit(f"--dtypes entry {spec!r}: unknown option(s) {', '.join(unknown)}; valid: int8, compiled")
     engine = engine_cls.from_pretrained(str(gguf), device="cpu", dtype=dtype, progress=False,
-                                        compile_decode=variant == "compiled")
-    if variant:
+                                        compile_decode="compiled" in options, int8_decode="int8" in options)
+    if "compiled" in options:
         engine.generate("Hello", max_new_tokens=4, ignore_eos=True, enable_cache=False)
         print(f"{spec}: decode step compiled in {engine.adapter.compiled.compile_s:.0f} s", flush=True)
     return engine
@@ -235,7 +237,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--decode-tokens", type=int, default=64, help="tokens decoded for tokens/s")
     p.add_argument("--threads", type=int, default=2, help="CPU threads, both libraries")
     p.add_argument("--dtypes", default="float32,bfloat16",
-                   help="promptcache dtypes, each its own engine; DTYPE+compiled compiles its decode step")
+                   help="promptcache engines: DTYPE[+int8][+compiled], comma-separated")
     p.add_argument("--agree", type=int, default=3,
                    help="prompts per context whose cached and uncached greedy tokens are compared (0: none)")
     p.add_argument("--note", default="", help="free text stored with the results (e.g. machine load)")

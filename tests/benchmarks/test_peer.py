@@ -46,3 +46,18 @@ def test_verdicts_are_per_dtype_and_need_every_context():
                               "prefill_speedup": True}
     assert met["bfloat16"] == {"prefix_ratio": True, "module_ratio": True, "decode_ratio": False,
                                "prefill_speedup": True}
+
+
+def test_engine_entries_name_a_dtype_and_options(monkeypatch):
+    made = {}
+
+    class FakeEngine:
+        @classmethod
+        def from_pretrained(cls, path, **kw):
+            made.update(kw)
+            return cls()
+
+    peer.engine_for(FakeEngine, "x.gguf", "bfloat16+int8")
+    assert made["dtype"] == "bfloat16" and made["int8_decode"] and not made["compile_decode"]
+    with pytest.raises(SystemExit, match="unknown option"):
+        peer.engine_for(FakeEngine, "x.gguf", "bfloat16+int4")
