@@ -67,6 +67,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="bytes of chat/prompt prefixes kept, LRU (default: the engine's, 1 GiB)")
     e.add_argument("--no-prefix-cache", action="store_true", help="do not reuse prefixes of plain prompts/chats")
     e.add_argument("--ttl-s", type=float, help="drop cached states idle for longer than this")
+    e.add_argument("--int8-decode", action="store_true",
+                   help="decode steps read int8 copies of the linear weights (CPU, bfloat16: faster tokens/s)")
 
 
 def config_from_args(args: argparse.Namespace, model: str) -> ServerConfig:
@@ -89,7 +91,7 @@ def config_from_args(args: argparse.Namespace, model: str) -> ServerConfig:
 def engine_kwargs(args: argparse.Namespace) -> dict:
     kwargs = dict(store_dir=args.store_dir, device_budget_bytes=args.device_budget_bytes,
                   host_budget_bytes=args.host_budget_bytes, prefix_cache=not args.no_prefix_cache,
-                  ttl_s=args.ttl_s, progress=False)
+                  ttl_s=args.ttl_s, int8_decode=args.int8_decode, progress=False)
     if args.prefix_budget_bytes is not None:  # else the engine's default bound
         kwargs["prefix_budget_bytes"] = args.prefix_budget_bytes
     return kwargs

@@ -1,0 +1,23 @@
+"""The server's engine options reach the engine."""
+
+from __future__ import annotations
+
+import argparse
+
+from promptcache.server.main import add_arguments, engine_kwargs
+
+
+def parse(*argv: str) -> argparse.Namespace:
+    p = argparse.ArgumentParser()
+    add_arguments(p)
+    return p.parse_args(list(argv))
+
+
+def test_int8_decode_is_off_unless_asked_for():
+    assert engine_kwargs(parse())["int8_decode"] is False
+    assert engine_kwargs(parse("--int8-decode"))["int8_decode"] is True
+
+
+def test_the_prefix_budget_is_the_engines_default_unless_given():
+    assert "prefix_budget_bytes" not in engine_kwargs(parse())
+    assert engine_kwargs(parse("--prefix-budget-bytes", "1024"))["prefix_budget_bytes"] == 1024
