@@ -32,7 +32,8 @@ __version__ = "0.1.0"
 # name -> module it lives in (imported on first access: these import torch)
 _LAZY = {
     "Engine": ".engine.engine", "SamplingParams": ".engine.generate", "Chunk": ".engine.usage",
-    "Completion": ".engine.usage", "Usage": ".engine.usage", "testing": ".testing",
+    "Completion": ".engine.usage", "Usage": ".engine.usage", "Recompute": ".engine.recompute",
+    "testing": ".testing",
 }
 
 
@@ -47,7 +48,7 @@ def __getattr__(name: str):
 
 __all__ = [
     "BUILTIN_FORMATS", "ChatFormat", "Chunk", "Completion", "Engine", "Module", "Param", "Prompt",
-    "PromptCacheError", "PromptError", "RoleBlock", "SamplingParams", "Schema", "SchemaBuilder", "SchemaError",
+    "PromptCacheError", "PromptError", "Recompute", "RoleBlock", "SamplingParams", "Schema", "SchemaBuilder", "SchemaError",
     "Selection", "StoreError", "Text", "Union", "Usage", "make_prompt", "parse_prompt", "parse_schema",
     "prompt_to_xml", "schema_to_xml", "select", "testing",
 ]
