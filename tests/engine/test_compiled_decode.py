@@ -81,3 +81,14 @@ def test_inductor_compiled_decode_gives_the_tokens_of_eager_decoding():
     eager, compiled = _engine("llama", False), _engine("llama", True, backend="inductor")
     assert _outputs(compiled) == _outputs(eager)
     assert compiled.adapter.compiled.compile_s > 0
+
+
+def test_compiled_decode_over_int8_weights_gives_the_tokens_of_eager_int8_decoding():
+    model, tok = pc.testing.tiny_model("llama", seed=0)
+    eager = pc.Engine(model, tok, progress=False, int8_decode=True)
+    model2, _ = pc.testing.tiny_model("llama", seed=0)
+    compiled = pc.Engine(model2, tok, progress=False, int8_decode=True)
+    compiled.adapter.compile_decode(backend="eager")
+    for engine in (eager, compiled):
+        engine.add_schema(DOCS)
+    assert _outputs(compiled) == _outputs(eager)
