@@ -54,6 +54,11 @@ class Answer:
     spliced: int = 0
 
 
+def parse_fractions(text: str) -> list[float]:
+    """Comma-separated recompute fractions (`--fractions`), sorted, each once."""
+    return sorted({float(f) for f in text.split(",") if f.strip()})
+
+
 def answer(engine, prompt: str, max_new_tokens: int, recompute: Recompute | float | None) -> Answer:
     """Greedy answer; `recompute=None` means the full prefill (no cache)."""
     plan = engine.plan(prompt, enable_cache=recompute is not None)
@@ -212,7 +217,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     args.rules = [r.strip() for r in args.rules.split(",") if r.strip()]
     args.datasets = args.datasets.split(",") if args.datasets else None
     try:
-        args.fractions = sorted({float(f) for f in args.fractions.split(",") if f.strip()})
+        args.fractions = parse_fractions(args.fractions)
         for r in args.rules:
             Recompute(max(args.fractions), rule=r)
     except ValueError as e:

@@ -41,7 +41,7 @@ from benchmarks.common import (  # noqa: E402
     table,
     write_json,
 )
-from benchmarks.quality import FRACTIONS, load_engine  # noqa: E402
+from benchmarks.quality import FRACTIONS, load_engine, parse_fractions  # noqa: E402
 from promptcache.engine.recompute import Recompute  # noqa: E402
 
 COLUMNS = [("fraction", "frac", ".2f"), ("context_tokens", "context", "d"), ("recomputed_tokens", "recomputed", "d"),
@@ -161,7 +161,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     if args.quick:
         args.modules, args.doc_tokens, args.repeat = min(args.modules, 3), min(args.doc_tokens, 32), 1
         args.fractions = "0,0.15,1"
-    args.fractions = sorted({float(f) for f in args.fractions.split(",") if f.strip()})
+    args.fractions = parse_fractions(args.fractions)
     return args
 
 
