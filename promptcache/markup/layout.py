@@ -43,7 +43,7 @@ from ..errors import PromptCacheError
 from .chat import ChatFormat
 from .nodes import Module, Param, RoleBlock, Schema, Text, Union
 from .rules import fit_scaffold
-from .tokens import Piece, encode_markers, encode_pieces, encode_text  # noqa: F401 - encode_text re-exported
+from .tokens import Piece, encode_markers, encode_pieces, encode_text
 
 ROOT = ""
 
