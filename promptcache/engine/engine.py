@@ -76,10 +76,12 @@ class Engine:
         recompute: for PML prompts whose spliced states are stale (skipped modules, another union
             member, arguments), the fraction of spliced tokens to recompute, 0..1 (a float, or a
             `recompute.Recompute`); 0 splices them as stored. A request may override it.
-        compile_decode: decode through a `torch.compile`d one-token step (`models.compiled`), after a
-            first token that compiles it (30-60 s on a 2-core CPU): with `int8_decode` 1.6-1.9x the
-            tokens/s of eager int8 decoding on SmolLM2-135M; alone 1.09x, where bfloat16's one-row
-            matmuls dominate (README, "Performance against llama.cpp").
+        compile_decode: decode through a `torch.compile`d one-token step, and run 3-32 new tokens after
+            a cached context (a question after a cached prefix or module, a short prompt) through a
+            compiled several-token step (`models.compiled`); each compiles on its first call (30-120 s
+            on a 2-core CPU). With `int8_decode` 1.6-1.9x the tokens/s of eager int8 decoding on
+            SmolLM2-135M; alone 1.09x, where bfloat16's one-row matmuls dominate. Cached time to first
+            token: README, "Performance against llama.cpp".
             Llama, Mistral, Qwen2 and other models whose attention goes through transformers'
             AttentionInterface.
         int8_decode: one- and two-token steps (decoding) read int8 copies of the linear weights

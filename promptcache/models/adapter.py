@@ -179,11 +179,23 @@ class Adapter:
         past_pos = k_pos[: k_pos.numel() - q_pos.numel()]
         if not in_order and needs_position_mask(q_pos, past_pos):
             mask = position_mask(q_pos, k_pos, self.dtype)
+        if mask is None and self._compiled_takes(input_ids, cache, past_pos.numel(), logits_to_keep):
+            return self.compiled.forward(input_ids[0].tolist(), q_pos.tolist(), cache, past_pos.numel())[None, None]
         with self.positions(k_pos):
             out = self.model(input_ids=input_ids, position_ids=q_pos[None].expand(input_ids.shape[0], -1),
                              attention_mask=mask, past_key_values=cache, use_cache=True,
                              logits_to_keep=logits_to_keep)
         return out.logits
+
+    def _compiled_takes(self, input_ids: torch.Tensor, cache, past: int, logits_to_keep: int) -> bool:
+        """Whether the compiled few-token step runs this in-order forward (`compile_decode`): one
+        sequence of `compiled.MIN_FEW`..`FEW_TOKENS` tokens after the `past` filled slots of a request
+        cache's block, only the last token's logits wanted."""
+        from .compiled import FEW_TOKENS, MIN_FEW
+
+        return (self.compiled is not None and input_ids.shape[0] == 1 and logits_to_keep == 1
+                and MIN_FEW <= input_ids.shape[1] <= FEW_TOKENS and getattr(cache, "block", None) is not None
+                and all(layer.length == past for layer in cache.layers))
 
     @contextmanager
     def positions(self, k_pos: torch.Tensor):

@@ -69,6 +69,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     e.add_argument("--ttl-s", type=float, help="drop cached states idle for longer than this")
     e.add_argument("--int8-decode", action="store_true",
                    help="decode steps read int8 copies of the linear weights (CPU, bfloat16: faster tokens/s)")
+    e.add_argument("--compile-decode", action="store_true",
+                   help="torch.compile the decode step and the few-token step (a question after a cached "
+                        "context), compiled before serving (minutes on a small CPU): faster tokens/s and "
+                        "cached time to first token")
 
 
 def config_from_args(args: argparse.Namespace, model: str) -> ServerConfig:
@@ -91,7 +95,8 @@ def config_from_args(args: argparse.Namespace, model: str) -> ServerConfig:
 def engine_kwargs(args: argparse.Namespace) -> dict:
     kwargs = dict(store_dir=args.store_dir, device_budget_bytes=args.device_budget_bytes,
                   host_budget_bytes=args.host_budget_bytes, prefix_cache=not args.no_prefix_cache,
-                  ttl_s=args.ttl_s, int8_decode=args.int8_decode, progress=False)
+                  ttl_s=args.ttl_s, int8_decode=args.int8_decode, compile_decode=args.compile_decode,
+                  progress=False)
     if args.prefix_budget_bytes is not None:  # else the engine's default bound
         kwargs["prefix_budget_bytes"] = args.prefix_budget_bytes
     return kwargs
@@ -124,6 +129,9 @@ def run(args: argparse.Namespace, model: str) -> int:
 
         torch.set_num_threads(args.threads)
     engine = Engine.from_pretrained(model, device=args.device, dtype=args.dtype, **engine_kwargs(args))
+    if args.compile_decode:
+        logger.info("compiling the few-token and one-token steps (minutes on a small CPU)")
+        engine.generate("Hello, how are you today?", max_new_tokens=2, ignore_eos=True, enable_cache=False)
     for path in schema_files(args.schemas):
         layout = engine.add_schema(path)
         logger.info("added schema %r from %s (%d modules)", layout.name, path, len(layout.modules))

@@ -65,6 +65,19 @@ def test_threads_share_one_compiled_step():
     assert [got[i] for i in range(len(prompts))] == expected
 
 
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+def test_a_few_new_tokens_after_a_cached_context_run_compiled_as_eagerly(arch):
+    """A question after a cached prefix, after a spliced module, and a short uncached prompt: 3..32 new
+    tokens in position order, run by the compiled several-token step, give eager's tokens."""
+    eager, compiled = _engine(arch, False), _engine(arch, True)
+    prompts = [DOC + " What is by the water?", DOC + " Who talks about the trip, and why?",  # prefix: the tail
+               ALL_DOCS_PROMPT, "Tell me about the hotel."]
+    outs = [[e.generate(p, max_new_tokens=6, ignore_eos=True) for p in prompts] for e in (eager, compiled)]
+    assert [o.token_ids for o in outs[1]] == [o.token_ids for o in outs[0]]
+    assert outs[1][1].usage.cached_tokens > 0  # the second question ran after the first one's prefix
+    assert compiled.adapter.compiled.compile_few_s is not None
+
+
 @pytest.mark.parametrize("arch", ["falcon", "mpt"])
 def test_models_outside_the_attention_interface_are_refused(arch):
     with pytest.raises(PromptCacheError, match="compile_decode needs a model whose attention"):

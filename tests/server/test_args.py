@@ -18,6 +18,11 @@ def test_int8_decode_is_off_unless_asked_for():
     assert engine_kwargs(parse("--int8-decode"))["int8_decode"] is True
 
 
+def test_compile_decode_is_off_unless_asked_for():
+    assert engine_kwargs(parse())["compile_decode"] is False
+    assert engine_kwargs(parse("--compile-decode"))["compile_decode"] is True
+
+
 def test_the_prefix_budget_is_the_engines_default_unless_given():
     assert "prefix_budget_bytes" not in engine_kwargs(parse())
     assert engine_kwargs(parse("--prefix-budget-bytes", "1024"))["prefix_budget_bytes"] == 1024
