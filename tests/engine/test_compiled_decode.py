@@ -78,6 +78,30 @@ def test_a_few_new_tokens_after_a_cached_context_run_compiled_as_eagerly(arch):
     assert compiled.adapter.compiled.compile_few_s is not None
 
 
+def test_threads_share_the_compiled_several_token_step():
+    """Concurrent questions after one cached document: each runs the several-token step on its own block."""
+    engine, reference = _engine("qwen2", True), _engine("qwen2", False)
+    asks = ["What is by the water?", "Who talks about the trip?", "Where is the hotel, and why?",
+            "Is the city by the water?", "What do people talk about?", "How long is the trip?"]
+    prompts = [f"{DOC} {q}" for q in asks]
+    for e in (engine, reference):
+        e.generate(DOC, max_new_tokens=1)  # the document's states, for every question to reuse
+    expected = [reference.generate(p, max_new_tokens=12, ignore_eos=True).token_ids for p in prompts]
+    got: dict[int, pc.Completion] = {}
+
+    def work(i: int):
+        got[i] = engine.generate(prompts[i], max_new_tokens=12, ignore_eos=True)
+
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(len(prompts))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert [got[i].token_ids for i in range(len(prompts))] == expected
+    assert all(got[i].usage.cached_tokens > 0 for i in got)
+    assert engine.adapter.compiled.compile_few_s is not None
+
+
 @pytest.mark.parametrize("arch", ["falcon", "mpt"])
 def test_models_outside_the_attention_interface_are_refused(arch):
     with pytest.raises(PromptCacheError, match="compile_decode needs a model whose attention"):
