@@ -222,8 +222,7 @@ def engine_for(engine_cls, gguf: Path, spec: str):
     engine = engine_cls.from_pretrained(str(gguf), device="cpu", dtype=dtype, progress=False,
                                         compile_decode="compiled" in options, int8_decode="int8" in options)
     if "compiled" in options:
-        # a few tokens (the several-token step: short prompts, questions after a cached context), then decoding
-        engine.generate("Hello, how are you today?", max_new_tokens=4, ignore_eos=True, enable_cache=False)
+        engine.warm_up()
         steps = engine.adapter.compiled
         print(f"{spec}: compiled the few-token step in {steps.compile_few_s:.0f} s, the one-token step in "
               f"{steps.compile_s:.0f} s", flush=True)

@@ -51,6 +51,8 @@ from .usage import Chunk, Completion, Usage
 
 logger = logging.getLogger(__name__)
 
+WARM_UP_PROMPT = "Hello, how are you today?"  # several tokens with any tokenizer (`Engine.warm_up`)
+
 
 class Engine:
     """Serve prompts over any transformers causal LM, reusing precomputed module states.
@@ -263,6 +265,12 @@ class Engine:
         stop_ids.update(params.stop_token_ids)
         return Decoder(self.adapter, self.tokenizer, prefill, params, plan.token_ids, stop_ids,
                        params.stop + plan.tokens.stop)
+
+    def warm_up(self) -> None:
+        """With `compile_decode`, compile both compiled steps now (one short uncached request: a several-token
+        prefill, then a decoded token), so that no client's request pays for it; nothing otherwise."""
+        if self.adapter.compiled is not None:
+            self.generate(WARM_UP_PROMPT, max_new_tokens=2, ignore_eos=True, enable_cache=False)
 
     # ---- requests: the whole --------------------------------------------------------------
 

@@ -131,7 +131,7 @@ def run(args: argparse.Namespace, model: str) -> int:
     engine = Engine.from_pretrained(model, device=args.device, dtype=args.dtype, **engine_kwargs(args))
     if args.compile_decode:
         logger.info("compiling the few-token and one-token steps (minutes on a small CPU)")
-        engine.generate("Hello, how are you today?", max_new_tokens=2, ignore_eos=True, enable_cache=False)
+        engine.warm_up()
     for path in schema_files(args.schemas):
         layout = engine.add_schema(path)
         logger.info("added schema %r from %s (%d modules)", layout.name, path, len(layout.modules))

@@ -102,6 +102,15 @@ def test_threads_share_the_compiled_several_token_step():
     assert engine.adapter.compiled.compile_few_s is not None
 
 
+def test_warm_up_compiles_both_steps_and_is_a_no_op_without_them():
+    engine = _engine("llama", True)
+    engine.warm_up()
+    assert engine.adapter.compiled.compile_few_s is not None and engine.adapter.compiled.compile_s is not None
+    plain = _engine("llama", False)
+    plain.warm_up()
+    assert plain.pool.hits + plain.pool.misses == 0  # no request ran
+
+
 @pytest.mark.parametrize("arch", ["falcon", "mpt"])
 def test_models_outside_the_attention_interface_are_refused(arch):
     with pytest.raises(PromptCacheError, match="compile_decode needs a model whose attention"):
