@@ -359,6 +359,8 @@ class Engine:
         """Key on everything the answer depends on: the model, the exact tokens fed and how."""
         if self.responses is None or not params.deterministic:
             return None
+        if policy is not None and callable(policy.rule) and plan.source == "modules":
+            return None  # a rule of your own: no identity that would hold across runs
         contexts = [plan.schema.contexts[p] for p in plan.cached_modules]
         return states_key(kind="promptcache.response", **self.identity, source=plan.source,
                           token_ids=list(plan.token_ids), positions=list(plan.tokens.positions),

@@ -34,6 +34,11 @@ Given `Recompute(fraction)`, a prompt's request runs in three steps (`Blend.pref
      token that is reused.
    - "leading" (EPIC's LegoLink): the first tokens of each run of stale tokens, round-robin.
    - "uniform": evenly spaced stale tokens (a control).
+   - a callable (a rule of your own, e.g. to study selection): given every candidate as a
+     `Candidate` (its module, offset in the module, position, token) and the budget, it returns
+     the indices of the candidates to recompute, at most the budget. It runs before the request
+     takes a cache; an invalid answer is a PromptError naming the rule. Such requests skip the
+     response cache (a function has no stable identity across runs).
 
 `fraction=1.0` recomputes every stale token: the prefill is then the full prefill of the same text
 (kept tokens are its states already). Stored states are only read; the request's own cache block
@@ -47,11 +52,12 @@ import math
 import numbers
 import threading
 import weakref
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 
 import torch
 
-from ..errors import PromptError
+from ..errors import PromptCacheError, PromptError
 from ..kv.states import KVStates
 from ..markup.layout import PromptPlan, SchemaLayout
 from ..models.relocate import KeyMover, key_mover, probe_forward
@@ -66,25 +72,47 @@ RULES = ("first", "deviation", "leading", "uniform")
 
 
 @dataclass(frozen=True)
+class Candidate:
+    """A stale spliced token a rule of your own may pick (see `Recompute.rule`).
+
+    Attributes:
+        module: the module (its path; "" for the schema's own text) whose stored states hold it.
+        offset: its index among that module's stored tokens.
+        position: its position in the prompt (its rank there when gaps close).
+        token: its token id.
+    """
+
+    module: str
+    offset: int
+    position: int
+    token: int
+
+
+Rule = Callable[[Sequence[Candidate], int], Iterable[int]]
+"""A rule of your own: (candidates in position order, budget) -> indices of those to recompute."""
+
+
+@dataclass(frozen=True)
 class Recompute:
     """What to recompute when spliced states are stale (pass as `recompute=` anywhere a float goes).
 
     Attributes:
         fraction: at most this share of the prompt's spliced tokens is recomputed (0..1).
-        rule: how stale tokens are picked (see the module docstring): one of `RULES`.
+        rule: how stale tokens are picked (see the module docstring): one of `RULES`, or a `Rule`.
         probe_layer: the decoder layer "deviation" compares states at (clamped to the model's last).
         close_gaps: move later tokens to contiguous positions (rotating stored keys).
     """
 
     fraction: float
-    rule: str = "first"
+    rule: str | Rule = "first"
     probe_layer: int = 1
     close_gaps: bool = True
 
     def __post_init__(self):
         check_fraction(self.fraction)
-        if self.rule not in RULES:
-            raise PromptError(f"invalid recompute rule={self.rule!r:.80}: must be one of {', '.join(RULES)}")
+        if not callable(self.rule) and self.rule not in RULES:
+            raise PromptError(f"invalid recompute rule={self.rule!r:.80}: must be one of {', '.join(RULES)} "
+                              "or a callable (candidates, budget) -> indices")
         if isinstance(self.probe_layer, bool) or not isinstance(self.probe_layer, int) or self.probe_layer < 0:
             raise PromptError(f"invalid recompute probe_layer={self.probe_layer!r:.80}: must be an int >= 0")
 
@@ -187,8 +215,11 @@ def plan_blend(policy: Recompute | None, version, tokens: PromptPlan, parts: lis
         moved = any(frame[i] != t.position for i, t in enumerate(seq))
         return Blend(policy, mover, seq, frame, kept, [], shift_only=True) if moved and len(kept) == len(
             spliced) else None
-    stale = [i for i in spliced if i not in set(kept)]
-    return Blend(policy, mover, seq, frame, kept, stale)
+    kept_set = set(kept)
+    blend = Blend(policy, mover, seq, frame, kept, [i for i in spliced if i not in kept_set])
+    if callable(policy.rule):
+        blend.chosen = blend.ask_rule(tokens.cached)
+    return blend
 
 
 _MOVERS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
@@ -212,6 +243,7 @@ class Blend:
         kept: seq indices of spliced tokens reused as stored (exact, not moved).
         stale: seq indices of the other spliced tokens.
         shift_only: no stale states; only new tokens move.
+        chosen: seq indices a rule of your own picked (`ask_rule`); None for the built-in rules.
     """
 
     policy: Recompute
@@ -221,6 +253,35 @@ class Blend:
     kept: list[int]
     stale: list[int]
     shift_only: bool = False
+    chosen: list[int] | None = None
+
+    def budget(self) -> tuple[list[int], list[int], int]:
+        """Kept tokens and candidates (the last prompt token excluded: always computed), and how many
+        candidates the policy's fraction allows."""
+        last = len(self.seq) - 1  # its logits start the answer: always computed
+        kept = [i for i in self.kept if i != last]
+        cands = [i for i in self.stale if i != last]
+        return kept, cands, min(len(cands), round(self.policy.fraction * (len(kept) + len(cands))))
+
+    def ask_rule(self, modules: Sequence[str]) -> list[int]:
+        """The candidates (seq indices) the policy's own rule picks; PromptError naming it if its answer is invalid."""
+        _, cands, budget = self.budget()
+        rule = self.policy.rule
+        name = getattr(rule, "__qualname__", None) or repr(rule)
+        shown = [Candidate(modules[self.seq[i].part], self.seq[i].offset, self.frame[i], self.seq[i].token)
+                 for i in cands]
+        try:
+            answer = list(rule(shown, budget))
+        except PromptCacheError:
+            raise
+        except Exception as e:
+            raise PromptError(f"recompute rule {name:.80} failed: {type(e).__name__}: {e}"[:300]) from e
+        bad = next((j for j in answer if isinstance(j, bool) or not isinstance(j, int) or not 0 <= j < len(cands)),
+                   None)
+        if bad is not None or len(set(answer)) != len(answer) or len(answer) > budget:
+            raise PromptError(f"recompute rule {name:.80} returned {answer!r:.80}: must be distinct indices "
+                              f"into its {len(cands)} candidates, at most the budget {budget}")
+        return sorted(cands[j] for j in answer)
 
     def prefill(self, adapter, spec: CacheSpec, parts: list[KVStates]) -> Prefill:
         """Fill a request cache for the prompt and compute its first logits (see the module docstring)."""
@@ -228,15 +289,14 @@ class Blend:
             new = [i for i, t in enumerate(self.seq) if t.part < 0]
             return prefill_modules(adapter, spec, parts, [self.seq[i].token for i in new],
                                    [self.frame[i] for i in new], len(self.seq))
-        last = len(self.seq) - 1  # its logits start the answer: always computed
-        kept = [i for i in self.kept if i != last]
-        cands = [i for i in self.stale if i != last]
-        budget = min(len(cands), round(self.policy.fraction * (len(kept) + len(cands))))
+        kept, cands, budget = self.budget()
         cache = spec.new_cache(_runs(parts, self.seq, kept), spec.capacity)
         k_pos = torch.empty(spec.capacity, dtype=torch.long, device=spec.device)
         k_pos[:len(kept)] = torch.tensor([self.frame[i] for i in kept], dtype=torch.long)
         fresh = None
-        if self.policy.rule == "deviation" and 0 < budget < len(cands):
+        if self.chosen is not None:
+            chosen = self.chosen
+        elif self.policy.rule == "deviation" and 0 < budget < len(cands):
             scores, fresh = self._probe(adapter, cache, k_pos, parts, len(kept), cands)
             chosen = pick("deviation", cands, budget, scores=scores)
         else:

@@ -311,3 +311,53 @@ def test_response_cache_keys_on_recompute(tmp_path):
     again = engine.generate(text, max_new_tokens=4, recompute=1.0)
     assert not again.usage.response_cached and again.usage.recomputed_tokens > 0
     assert engine.generate(text, max_new_tokens=4, recompute=1.0).usage.response_cached
+
+
+@pytest.mark.parametrize("arch", ["llama", "mpt"])
+def test_a_rule_of_your_own_sees_the_candidates_and_is_obeyed(arch):
+    engine = deep_engine(arch)
+    text = prompt(STALE["skipped"])
+    plan, seen = engine.plan(text), []
+
+    def uniform(cands, budget):  # the built-in "uniform", through the public seam
+        seen.append((list(cands), budget))
+        return pick("uniform", list(range(len(cands))), budget)
+
+    own, n = first_logits(engine, text, Recompute(0.2, rule=uniform))
+    builtin, m = first_logits(engine, text, Recompute(0.2, rule="uniform"))
+    first, _ = first_logits(engine, text, Recompute(0.2, rule="first"))
+    torch.testing.assert_close(own, builtin, rtol=1e-5, atol=1e-5)
+    assert n == m > 0 and (own - first).abs().max() > 1e-4, "uniform must differ from first here"
+    (cands, budget), = seen
+    assert budget == n and len(cands) > budget
+    assert [c.position for c in cands] == sorted({c.position for c in cands})
+    assert all(plan.token_ids[c.position] == c.token for c in cands)  # positions are the full prefill's
+    assert {c.module for c in cands} <= set(plan.tokens.cached) and "c" in {c.module for c in cands}
+    everything, k = first_logits(engine, text, Recompute(1.0, rule=lambda cands, budget: range(len(cands))))
+    torch.testing.assert_close(everything, first_logits(engine, text, cached=False)[0], rtol=1e-4, atol=1e-4)
+    assert k == len(cands)
+
+
+def broken(cands, budget):
+    raise KeyError("no such module")
+
+
+@pytest.mark.parametrize("rule", [lambda c, b: [len(c)], lambda c, b: [0, 0], lambda c, b: [True],
+                                  lambda c, b: range(b + 1), lambda c, b: ["0"], broken])
+def test_a_rule_of_your_own_that_answers_wrong_is_refused_by_name_and_the_engine_goes_on(rule):
+    engine = deep_engine("llama", response_cache_dir=None)
+    text = prompt(STALE["union"])
+    expected = engine.generate(text, max_new_tokens=4, recompute=0.2).token_ids
+    for _ in range(3):
+        with pytest.raises(pc.PromptError, match="recompute rule .*(broken|lambda)"):
+            engine.generate(text, max_new_tokens=4, recompute=Recompute(0.2, rule=rule))
+    assert engine.generate(text, max_new_tokens=4, recompute=0.2).token_ids == expected
+
+
+def test_a_rule_of_your_own_skips_the_response_cache(tmp_path):
+    engine = deep_engine("llama", response_cache_dir=tmp_path)
+    text = prompt(STALE["union"])
+    policy = Recompute(0.2, rule=lambda cands, budget: range(budget))
+    assert engine.generate(text, max_new_tokens=4, recompute=policy).usage.recomputed_tokens > 0
+    again = engine.generate(text, max_new_tokens=4, recompute=policy)
+    assert not again.usage.response_cached and again.usage.recomputed_tokens > 0
