@@ -51,6 +51,7 @@ class Case:
     answers: tuple[str, ...]
     metric: Callable[[str], float]  # output -> score in [0, 1]
     style: str = ""
+    document: str = ""  # docqa: the module that holds the answer
 
 
 def load_docqa(path: str | Path = DOCQA) -> dict:
@@ -81,7 +82,8 @@ def docqa_cases(engine, setup: str, tasks: dict, per_group: int | None = None) -
             selection = _selection(setup, tasks, names, q["doc"], i)
             answers = tuple(q["answers"])
             cases.append(Case(setup, "docqa", q["id"], _prompt(schema, selection, q["question"]), answers,
-                              lambda out, a=answers: max(contains_answer(out, x) for x in a), q["style"]))
+                              lambda out, a=answers: max(contains_answer(out, x) for x in a), q["style"],
+                              q["doc"]))
     return cases
 
 

@@ -11,6 +11,7 @@ from benchmarks import docqa, quality, recompute
 from benchmarks.data.docqa import make_docqa
 from benchmarks.metrics import contains_answer
 from benchmarks.scorers import default_scorer_path
+from promptcache.engine.recompute import Candidate
 
 from .test_scorers import tiny_checkpoint
 
@@ -102,6 +103,19 @@ def test_quick_run_with_another_scorer(tmp_path):
                          "--rules", "leading", "--out", str(tmp_path)])
     assert [(r["rule"], r["fraction"]) for r in rows] == [("-", 0.0), ("leading", 1.0)]
     assert all(SEMANTIC <= set(r) for r in rows)
+
+
+def test_the_document_oracle_goes_to_the_answers_document_first_and_meets_no_target(tmp_path):
+    cands = [Candidate(m, k, p, 7) for p, (m, k) in enumerate([("d0", 5), ("d0", 6), ("d2", 0), ("d2", 1), ("", 9)])]
+    assert quality.document_first("d2")(cands, 3) == [2, 3, 0]
+    assert quality.document_first("d9")(cands, 2) == [0, 1]
+    rows = quality.main(["--quick", "--model", "llama", "--setups", "skipped,longbench-multi", "--fractions", "0,0.5",
+                         "--rules", "first,document", "--no-scorer", "--out", str(tmp_path)])
+    assert [(r["setup"], r["rule"]) for r in rows] == [("skipped", "-"), ("skipped", "first"), ("skipped", "document"),
+                                                       ("longbench-multi", "-"), ("longbench-multi", "first")]
+    oracle = rows[2] | {"fraction": 0.2, "agreement": 1.0, "acc_cached": rows[2]["acc_full"]}
+    assert quality.targets([oracle]) == {"skipped": None}
+    assert quality.targets([oracle | {"rule": "first"}])["skipped"]["rule"] == "first"
 
 
 @pytest.mark.parametrize("argv", [["--fractions", "1.5"], ["--rules", "bogus"], ["--setups", "nope"]])
