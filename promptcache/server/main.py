@@ -73,6 +73,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="torch.compile the decode step and the few-token step (a question after a cached "
                         "context), compiled before serving (minutes on a small CPU): faster tokens/s and "
                         "cached time to first token")
+    e.add_argument("--recompute", type=float, metavar="FRACTION",
+                   help="of a PML prompt's stale spliced tokens (skipped modules, another union member, "
+                        "arguments), the fraction to recompute, 0..1 (default: the engine's, 0); a request's "
+                        "\"recompute\" overrides it")
 
 
 def config_from_args(args: argparse.Namespace, model: str) -> ServerConfig:
@@ -99,6 +103,10 @@ def engine_kwargs(args: argparse.Namespace) -> dict:
                   progress=False)
     if args.prefix_budget_bytes is not None:  # else the engine's default bound
         kwargs["prefix_budget_bytes"] = args.prefix_budget_bytes
+    if args.recompute is not None:  # else the engine's default
+        if not 0 <= args.recompute <= 1:  # NaN too
+            raise PromptCacheError(f"--recompute must be a fraction in [0, 1], got {args.recompute}")
+        kwargs["recompute"] = args.recompute
     return kwargs
 
 

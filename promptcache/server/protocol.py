@@ -6,7 +6,8 @@ honour (n > 1, logprobs, tools, penalties other than `repetition_penalty`, ...) 
 to anything but their neutral value, rather than silently ignored; fields it does not know are
 ignored, as OpenAI-compatible servers do. Extensions (vLLM's names): `top_k`,
 `repetition_penalty`, `ignore_eos`, and `cache_salt`, the tenant whose cached prefixes a request
-may reuse (the engine's `namespace`).
+may reuse (the engine's `namespace`); promptcache's own: `recompute`, the fraction of a PML prompt's
+stale spliced tokens to recompute (0..1; the server's `--recompute` when absent).
 """
 
 from __future__ import annotations
@@ -53,6 +54,7 @@ class GenerationRequest:
         stream: answer as server-sent events.
         include_usage: with `stream`, send a final chunk carrying usage.
         namespace: the tenant (`cache_salt`); "" is the shared default.
+        recompute: the request's recompute fraction; None: the engine's.
     """
 
     kind: Kind
@@ -62,6 +64,7 @@ class GenerationRequest:
     stream: bool
     include_usage: bool
     namespace: str
+    recompute: float | None = None
 
 
 def parse_request(body: Any, kind: Kind, default_max_tokens: int) -> GenerationRequest:
@@ -76,8 +79,9 @@ def parse_request(body: Any, kind: Kind, default_max_tokens: int) -> GenerationR
     stream = bool(_boolean(body, "stream"))
     include_usage = _stream_options(body, stream)
     salt = _string(body, "cache_salt", max_chars=MAX_SALT_CHARS)
+    recompute = None if body.get("recompute") is None else _number(body, "recompute", 0.0, 1.0, default=0.0)
     return GenerationRequest(kind, model, prompt, _sampling(body, kind, default_max_tokens), stream,
-                             include_usage, salt or "")
+                             include_usage, salt or "", recompute)
 
 
 def _sampling(body: Mapping, kind: Kind, default_max_tokens: int) -> SamplingParams:

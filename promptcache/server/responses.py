@@ -4,7 +4,8 @@ Usage always carries OpenAI's counts plus a `promptcache` object:
 
     "usage": {"prompt_tokens": 812, "completion_tokens": 40, "total_tokens": 852,
               "prompt_tokens_details": {"cached_tokens": 790},
-              "promptcache": {"cache_write_tokens": 22, "modules_hit": ["docs"], "modules_written": [],
+              "promptcache": {"cache_write_tokens": 22, "recomputed_tokens": 0, "modules_hit": ["docs"],
+                              "modules_written": [],
                               "ttft_s": 0.061, "total_s": 0.93, "response_cached": false}}
 """
 
@@ -28,6 +29,7 @@ def usage_body(usage: Usage) -> dict:
         "prompt_tokens_details": {"cached_tokens": usage.cached_tokens},
         "promptcache": {
             "cache_write_tokens": usage.cache_write_tokens,
+            "recomputed_tokens": usage.recomputed_tokens,
             "modules_hit": list(usage.modules_hit),
             "modules_written": list(usage.modules_written),
             "ttft_s": round(usage.ttft_s, 6),

@@ -136,7 +136,7 @@ class Service:
         """`engine.stream` under a run slot; the engine's stream is closed on any exit."""
         with self._admit() as queued_s:
             chunks = self.engine.stream(request.prompt, request.params, enable_cache=self.config.enable_cache,
-                                        namespace=request.namespace)
+                                        namespace=request.namespace, recompute=request.recompute)
             try:
                 for chunk in chunks:
                     if gone is not None and gone():

@@ -141,6 +141,28 @@ def test_completions_with_pml_after_posting_a_schema(server, client, oracle):
         client.completions.create(model="tiny", prompt=PML, max_tokens=2)
 
 
+DOCS = """<schema name="docs-rc">
+  <system>You answer from the documents.</system>
+  <module name="a">The first document talks about the city, its hotel and a long trip by the sea.</module>
+  <module name="b">The second document lists what people said about water, air and the earth.</module>
+  <module name="c">The last document is about a garden with roses, a pond and an old stone wall.</module>
+</schema>"""
+SKIPPING = '<prompt schema="docs-rc"><a/><c/><user>What is it about?</user></prompt>'  # c was encoded after b
+
+
+def test_recompute_per_request_reaches_the_engine_and_usage_reports_it(server, client, oracle):
+    assert server.request("POST", "/v1/schemas", DOCS).status == 200
+    oracle.add_schema(DOCS)
+    for recompute in (None, 0.5, 1.0):
+        extra = {} if recompute is None else {"recompute": recompute}
+        out = client.completions.create(model="tiny", prompt=SKIPPING, max_tokens=8, temperature=0, extra_body=extra)
+        want = oracle.generate(SKIPPING, max_new_tokens=8, recompute=recompute)
+        assert out.choices[0].text == want.text
+        assert out.usage.model_extra["promptcache"]["recomputed_tokens"] == want.usage.recomputed_tokens
+        assert (want.usage.recomputed_tokens > 0) == (recompute is not None)
+    assert want.text == oracle.generate(SKIPPING, max_new_tokens=8, enable_cache=False).text
+
+
 def test_repeated_prefix_reports_cached_tokens_and_metrics_count_them(server, client):
     tenant = salt()
     system = {"role": "system", "content": "You answer questions about the weather. " * 20}
@@ -209,6 +231,8 @@ ERRORS = [  # (id, path, body, status, param, words in the message)
     ("top-k-range", "/v1/completions", {**COMPLETION, "top_k": -5}, 400, "top_k", ">= -1"),
     ("penalty-range", "/v1/completions", {**COMPLETION, "repetition_penalty": 0}, 400, "repetition_penalty", "> 0"),
     ("salt-type", "/v1/completions", {**COMPLETION, "cache_salt": 5}, 400, "cache_salt", "string"),
+    ("recompute-type", "/v1/completions", {**COMPLETION, "recompute": "all"}, 400, "recompute", "number"),
+    ("recompute-range", "/v1/chat/completions", {**CHAT, "recompute": 1.5}, 400, "recompute", "[0, 1]"),
     ("logprobs", "/v1/chat/completions", {**CHAT, "logprobs": True}, 400, "logprobs", "not returned"),
     ("stream-options-alone", "/v1/chat/completions", {**CHAT, "stream_options": {"include_usage": True}}, 400,
      "stream_options", "stream is true"),

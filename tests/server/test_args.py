@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import argparse
 
+import pytest
+
+from promptcache.errors import PromptCacheError
 from promptcache.server.main import add_arguments, engine_kwargs
 
 
@@ -26,3 +29,11 @@ def test_compile_decode_is_off_unless_asked_for():
 def test_the_prefix_budget_is_the_engines_default_unless_given():
     assert "prefix_budget_bytes" not in engine_kwargs(parse())
     assert engine_kwargs(parse("--prefix-budget-bytes", "1024"))["prefix_budget_bytes"] == 1024
+
+
+def test_recompute_is_the_engines_default_unless_given_and_must_be_a_fraction():
+    assert "recompute" not in engine_kwargs(parse())
+    assert engine_kwargs(parse("--recompute", "0.2"))["recompute"] == 0.2
+    for bad in ("1.5", "-0.1", "nan"):
+        with pytest.raises(PromptCacheError, match=r"--recompute must be a fraction in \[0, 1\]"):
+            engine_kwargs(parse("--recompute", bad))
