@@ -18,10 +18,15 @@ setup, rule and fraction:
     python benchmarks/quality.py --quick                                  # tiny random llama, CI-size
     python benchmarks/quality.py --model smollm2-135m-instruct --rules deviation,leading --fractions 0.1,0.2
 
-Besides the engine's rules, `--rules document` is an oracle no engine has: it knows which document
-holds the answer and recomputes that document's stale tokens first, then the rest in order ("first"),
-a bound on what any question-aware selection could buy (docqa setups only; a rule of one's own,
-`Recompute(rule=callable)`).
+Besides the engine's rules, `--rules` takes oracles no engine has (benchmarks/oracles.py): they know
+the answer's document ("document") or the full prefill's states ("oracle": the stale tokens whose
+states deviate most; "marginal": the stale tokens whose recompute alone moves the first-token
+distribution most), and bound what any selection of stale tokens could buy at a fraction. They are
+never counted toward the targets.
+
+`--floor-dtype bfloat16` also answers every case with a full prefill in that dtype and reports its
+agreement with the run's own full prefill (`floor` in the JSON): how far a change of precision
+alone, with no cache at all, moves the answers.
 """
 
 from __future__ import annotations
@@ -38,10 +43,16 @@ import torch  # noqa: E402
 
 from benchmarks import docqa  # noqa: E402
 from benchmarks.common import load_average, resolve_device, resolve_dtype, result_payload, table, write_json  # noqa: E402
+from benchmarks.oracles import (  # noqa: E402
+    DOCUMENT_ONLY,
+    ORACLES,
+    deviation_oracle,
+    document_first,
+    full_states,
+    marginal_oracle,
+)
 from promptcache.engine.generate import SamplingParams  # noqa: E402
 from promptcache.engine.recompute import RULES, Recompute  # noqa: E402
-
-ORACLES = ("document",)  # benchmark-only rules (see the module docstring)
 
 TINY_SHAPE = {"hidden_size": 64, "num_layers": 4}
 FRACTIONS = (0.0, 0.05, 0.1, 0.15, 0.2, 0.3, 0.5, 1.0)
@@ -50,6 +61,10 @@ COLUMNS = [("setup", "setup", ""), ("rule", "rule", ""), ("fraction", "frac", ".
            ("agreement", "agree", ".3f"), ("first_token_agreement", "1st tok", ".3f"), ("mean_kl", "KL", ".4f"),
            ("semantic_agreement", "sem agree", ".3f"), ("semantic_full", "sem full", ".3f"),
            ("semantic_cached", "sem cached", ".3f")]
+FLOOR_COLUMNS = [("setup", "setup", ""), ("dtype", "dtype", ""), ("n", "n", "d"), ("acc_full", "acc full", ".1f"),
+                 ("acc_floor", "acc dtype", ".1f"), ("agreement", "agree", ".3f"),
+                 ("first_token_agreement", "1st tok", ".3f"), ("mean_kl", "KL", ".4f"),
+                 ("semantic_agreement", "sem agree", ".3f")]
 
 
 @dataclass(frozen=True)
@@ -114,37 +129,38 @@ def semantic(scorer, cases, full: list[str], cached: list[str]) -> dict:
 
 def policies(setup: str, args) -> list[tuple[str, float]]:
     """(rule, fraction) pairs a setup runs: exact setups only need 0 and the largest (untouched); the
-    oracles only docqa's approximate setups."""
+    "document" and "marginal" oracles only docqa's approximate setups."""
     if setup in docqa.EXACT_SETUPS:
         return [(args.rules[0], f) for f in sorted({0.0, max(args.fractions)})]
-    rules = [r for r in args.rules if r not in ORACLES or setup in docqa.DOCQA_SETUPS]
+    rules = [r for r in args.rules if r not in DOCUMENT_ONLY or setup in docqa.DOCQA_SETUPS]
     return [(rule, f) for rule in rules for f in args.fractions if f > 0 or rule == rules[0]]
 
 
-def document_first(document: str):
-    """The "document" oracle for one case: its document's stale tokens, then the rest, in order."""
-    def rule(cands, budget: int) -> list[int]:
-        order = [j for j, c in enumerate(cands) if c.module == document]
-        order += [j for j, c in enumerate(cands) if c.module != document]
-        return order[:budget]
-    return rule
-
-
-def policy_for(case, rule: str, fraction: float, probe_layer: int) -> Recompute | float:
-    """The recompute a case runs under (rule, fraction); 0.0: splice as stored."""
+def policy_for(engine, case, full: Answer, rule: str, fraction: float, probe_layer: int,
+               oracles: dict) -> Recompute | float:
+    """The recompute a case runs under (rule, fraction); 0.0: splice as stored. An oracle's ranking
+    is made once per case and kept in `oracles` for its other fractions."""
     if fraction <= 0:
         return 0.0
-    if rule == "document":
-        return Recompute(fraction, rule=document_first(case.document))
-    return Recompute(fraction, rule=rule, probe_layer=probe_layer)
+    if rule not in ORACLES:
+        return Recompute(fraction, rule=rule, probe_layer=probe_layer)
+    if (case.id, rule) not in oracles:
+        if rule == "document":
+            oracles[case.id, rule] = document_first(case.document)
+        elif rule == "oracle":
+            schema = engine.plan(case.prompt).schema.name
+            oracles[case.id, rule] = deviation_oracle(engine, schema, full_states(engine, case.prompt))
+        else:
+            oracles[case.id, rule] = marginal_oracle(engine, case.prompt, full.logprobs)
+    return Recompute(fraction, rule=oracles[case.id, rule])
 
 
-def run_setup(engine, setup: str, cases, args, scorer, label: str) -> list[dict]:
-    full = [answer(engine, c.prompt, args.max_new_tokens, None) for c in cases]
-    rows = []
+def run_setup(engine, setup: str, cases, full: list[Answer], args, scorer, label: str) -> list[dict]:
+    rows, oracles = [], {}
     for rule, fraction in policies(setup, args):
-        cached = [answer(engine, c.prompt, args.max_new_tokens, policy_for(c, rule, fraction, args.probe_layer))
-                  for c in cases]
+        cached = [answer(engine, c.prompt, args.max_new_tokens,
+                         policy_for(engine, c, f, rule, fraction, args.probe_layer, oracles))
+                  for c, f in zip(cases, full, strict=True)]
         row = {"model": label, "setup": setup, "rule": rule if fraction > 0 else "-", "fraction": fraction,
                **summarize(cases, full, cached, scorer)}
         if args.keep_outputs:
@@ -154,6 +170,19 @@ def run_setup(engine, setup: str, cases, args, scorer, label: str) -> list[dict]
         print(f"  {setup:17s} {row['rule']:9s} {fraction:4.2f}  agree {row['agreement']:.3f}  "
               f"acc {row['acc_full']:.1f} -> {row['acc_cached']:.1f}", flush=True)
     return rows
+
+
+def floor_row(other, setup: str, cases, full: list[Answer], args, scorer) -> dict:
+    """Agreement of `other`'s full prefill (another dtype) with the run's own full-prefill answers."""
+    mine = make_cases(other, setup, args)  # adds the setup's schemas to `other`; the same prompts
+    assert [c.prompt for c in mine] == [c.prompt for c in cases]
+    answers = [answer(other, c.prompt, args.max_new_tokens, None) for c in cases]
+    row = {"setup": setup, "dtype": args.floor_dtype, **summarize(cases, full, answers, scorer)}
+    row["acc_floor"] = row.pop("acc_cached")
+    del row["recomputed"]
+    print(f"  {setup:17s} full prefill in {args.floor_dtype}: agree {row['agreement']:.3f}  "
+          f"acc {row['acc_full']:.1f} -> {row['acc_floor']:.1f}", flush=True)
+    return row
 
 
 def make_cases(engine, setup: str, args) -> list:
@@ -229,6 +258,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--device", default="cpu", help="cpu or cuda")
     p.add_argument("--dtype", default="float32", help="float32, bfloat16, ...")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    p.add_argument("--floor-dtype", help="also answer every case with a full prefill in this dtype and report "
+                   "its agreement with the run's full prefill (the noise floor of a precision change)")
     p.add_argument("--max-new-tokens", type=int, default=16)
     p.add_argument("--keep-outputs", action="store_true", help="store every answer in the JSON")
     p.add_argument("--quick", action="store_true", help="CI-size: 2 groups x 2 questions, 2 LongBench examples "
@@ -266,11 +297,20 @@ def main(argv: list[str] | None = None) -> list[dict]:
     dtype = resolve_dtype(args.dtype, device)
     engine, label = load_engine(args.model, device, dtype, args.threads)
     scorer = load_default_scorer(args, device)
-    rows = []
+    other = load_engine(args.model, device, resolve_dtype(args.floor_dtype, device), None)[0] \
+        if args.floor_dtype else None
+    rows, floor = [], []
     for setup in args.setups:
-        rows += run_setup(engine, setup, make_cases(engine, setup, args), args, scorer, label)
+        cases = make_cases(engine, setup, args)
+        full = [answer(engine, c.prompt, args.max_new_tokens, None) for c in cases]
+        rows += run_setup(engine, setup, cases, full, args, scorer, label)
+        if other is not None:
+            floor.append(floor_row(other, setup, cases, full, args, scorer))
     print()
     print(table(rows, [c for c in COLUMNS if any(c[0] in r for r in rows)]))
+    if floor:
+        print(f"\nfull prefill in {args.floor_dtype} against the full prefill in {args.dtype} (no cache):")
+        print(table(floor, [c for c in FLOOR_COLUMNS if any(c[0] in r for r in floor)]))
     met = targets(rows)
     print("\ntargets (agreement >= 0.9, accuracy within 2 points, recompute <= 20%):")
     for setup, best in met.items():
@@ -278,7 +318,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     exact = {r["setup"]: r["agreement"] for r in rows if r["setup"] in docqa.EXACT_SETUPS}
     payload = result_payload("quality", device, dtype, load_start, argv, rows, model=label,
                              torch_threads=torch.get_num_threads(), targets=met, probe_layer=args.probe_layer,
-                             exact_setups_agree=all(a == 1.0 for a in exact.values()),
+                             exact_setups_agree=all(a == 1.0 for a in exact.values()), floor=floor,
                              scorer=None if scorer is None else str(args.scorer or "all-MiniLM-L6-v2"))
     print(f"\nwrote {write_json(args.out, f'{args.name}.json', payload)}")
     return rows

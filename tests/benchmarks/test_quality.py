@@ -11,7 +11,6 @@ from benchmarks import docqa, quality, recompute
 from benchmarks.data.docqa import make_docqa
 from benchmarks.metrics import contains_answer
 from benchmarks.scorers import default_scorer_path
-from promptcache.engine.recompute import Candidate
 
 from .test_scorers import tiny_checkpoint
 
@@ -105,10 +104,7 @@ def test_quick_run_with_another_scorer(tmp_path):
     assert all(SEMANTIC <= set(r) for r in rows)
 
 
-def test_the_document_oracle_goes_to_the_answers_document_first_and_meets_no_target(tmp_path):
-    cands = [Candidate(m, k, p, 7) for p, (m, k) in enumerate([("d0", 5), ("d0", 6), ("d2", 0), ("d2", 1), ("", 9)])]
-    assert quality.document_first("d2")(cands, 3) == [2, 3, 0]
-    assert quality.document_first("d9")(cands, 2) == [0, 1]
+def test_the_document_oracle_runs_on_docqa_only_and_meets_no_target(tmp_path):
     rows = quality.main(["--quick", "--model", "llama", "--setups", "skipped,longbench-multi", "--fractions", "0,0.5",
                          "--rules", "first,document", "--no-scorer", "--out", str(tmp_path)])
     assert [(r["setup"], r["rule"]) for r in rows] == [("skipped", "-"), ("skipped", "first"), ("skipped", "document"),
@@ -137,3 +133,20 @@ def test_recompute_ttft_runner(tmp_path):
     assert rows[2]["recomputed_tokens"] <= rows[2]["spliced_tokens"] < rows[2]["context_tokens"]
     assert all(r["ttft_ms"] > 0 and r["ttft_cpu_ms"] > 0 and r["speedup"] > 0 for r in rows)
     assert (tmp_path / "recompute.png").exists() == (importlib.util.find_spec("matplotlib") is not None)
+
+
+def test_replot_draws_the_plot_again_from_a_saved_result_and_several_quality_files(tmp_path):
+    first, bounds = tmp_path / "q.json", tmp_path / "bounds.json"
+    first.write_text(json.dumps({"model": "m", "rows": [{"setup": "union", "rule": r, "fraction": f, "agreement": a}
+                                                        for r, f, a in (("-", 0.0, 0.5), ("first", 0.2, 0.7),
+                                                                        ("first", 1.0, 1.0))]}))
+    bounds.write_text(json.dumps({"model": "m", "rows": [{"setup": "union", "rule": "oracle", "fraction": f,
+                                                          "agreement": a} for f, a in ((0.2, 0.8), (0.5, 0.9))]}))
+    merged = recompute.load_quality(f"{first},{bounds}")
+    assert merged["model"] == "m" and [r["rule"] for r in merged["rows"]] == ["-", "first", "first", "oracle", "oracle"]
+    timed = recompute.main(["--quick", "--model", "llama", "--out", str(tmp_path), "--name", "r"])
+    png = tmp_path / "r.png"
+    png.unlink(missing_ok=True)
+    replotted = recompute.main(["--replot", str(tmp_path / "r.json"), "--quality", f"{first},{bounds}"])
+    assert replotted == json.loads(json.dumps(timed))  # the saved rows, nothing timed again
+    assert png.exists() == (importlib.util.find_spec("matplotlib") is not None)
