@@ -11,11 +11,15 @@ round-robin (`common.time_interleaved`), with the median of `--repeat` runs afte
 Both the wall clock and this process's CPU time are recorded; the speedup is on CPU time, which
 another job's load does not inflate (run with `--threads 1` so that CPU time is the work done).
 
-With `--quality JSON` (a `quality.py` result), the plot shows each approximate setup's answer
-agreement next to the TTFT speedup, both against the fraction.
+With `--quality JSON[,JSON...]` (`quality.py` results), the plot shows each approximate setup's
+answer agreement next to the TTFT speedup, both against the fraction: the timed rule's as solid
+lines, and where the results hold them, the "oracle" and "marginal" bounds (benchmarks/oracles.py)
+dashed and dotted in the same colour. `--replot RESULT` draws that plot again from a saved
+result of this script, without timing anything.
 
     python benchmarks/recompute.py --model smollm2-135m-instruct --threads 1
     python benchmarks/recompute.py --quick                               # tiny llama, 2 modules
+    python benchmarks/recompute.py --replot results/recompute-x.json --quality q.json,oracles.json
 """
 
 from __future__ import annotations
@@ -124,10 +128,16 @@ def plot(rows: list[dict], quality: dict | None, path: Path) -> Path | None:
     if quality is not None:
         rule = rows[0]["rule"]
         for setup in sorted({r["setup"] for r in quality["rows"]}):
-            pts = sorted((r["fraction"], r["agreement"]) for r in quality["rows"]
-                         if r["setup"] == setup and r["rule"] in (rule, "-"))
-            if len(pts) > 2:
-                left.plot([100 * f for f, _ in pts], [a for _, a in pts], marker="o", label=setup)
+            colour = None
+            for shown, style in ((rule, "-"), ("oracle", "--"), ("marginal", ":")):
+                mine = [r for r in quality["rows"] if r["setup"] == setup and r["rule"] == shown]
+                pts = sorted({(r["fraction"], r["agreement"]) for r in quality["rows"]
+                              if r["setup"] == setup and r["rule"] in ("-", shown)})
+                if mine and len(pts) > 2:
+                    label = setup if shown == rule else f"{setup}: {shown} (bound)"
+                    line, = left.plot([100 * f for f, _ in pts], [a for _, a in pts], marker="o", markersize=4,
+                                      linestyle=style, color=colour, label=label)
+                    colour = line.get_color()
         left.axhline(0.9, color="grey", linestyle="--", linewidth=1)
         left.set(xlabel="recomputed (% of spliced tokens)", ylabel="answer agreement with full prefill",
                  title=f"agreement ({quality.get('model', '')})", ylim=(0, 1.02))
@@ -153,7 +163,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     p.add_argument("--device", default="cpu")
     p.add_argument("--dtype", default="float32")
-    p.add_argument("--quality", help="a quality.py JSON: plot its agreement next to the speedup")
+    p.add_argument("--quality", help="quality.py JSONs (comma-separated): plot their agreement next to the speedup")
+    p.add_argument("--replot", help="a result of this script: draw its plot again (with --quality), time nothing")
     p.add_argument("--quick", action="store_true", help="3 modules of 32 tokens, fractions 0/0.15/1, 1 repeat")
     p.add_argument("--out", default="benchmarks/results")
     p.add_argument("--name", default="recompute")
@@ -165,8 +176,22 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return args
 
 
+def load_quality(paths: str | None) -> dict | None:
+    """`quality.py` results (comma-separated paths) as one: the first one's model, every file's rows."""
+    if not paths:
+        return None
+    results = [json.loads(Path(p).read_text()) for p in paths.split(",") if p.strip()]
+    return {"model": results[0].get("model", ""), "rows": [r for q in results for r in q["rows"]]}
+
+
 def main(argv: list[str] | None = None) -> list[dict]:
     args = parse_args(argv)
+    if args.replot:
+        path = Path(args.replot)
+        rows = json.loads(path.read_text())["rows"]
+        png = plot([r for r in rows if r["fraction"] is not None], load_quality(args.quality), path.with_suffix(".png"))
+        print(f"wrote {png}" if png else "no plot: pip install matplotlib")
+        return rows
     load_start = load_average()
     device = resolve_device(args.device)
     dtype = resolve_dtype(args.dtype, device)
@@ -177,8 +202,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     payload = result_payload("recompute", device, dtype, load_start, argv, rows, model=label,
                              torch_threads=torch.get_num_threads())
     path = write_json(args.out, f"{args.name}.json", payload)
-    quality = json.loads(Path(args.quality).read_text()) if args.quality else None
-    png = plot([r for r in rows if r["fraction"] is not None], quality, path.with_suffix(".png"))
+    png = plot([r for r in rows if r["fraction"] is not None], load_quality(args.quality), path.with_suffix(".png"))
     print(f"\nwrote {path}" + (f" and {png}" if png else ""))
     return rows
 
