@@ -144,11 +144,27 @@ class Adapter:
         """
         from .compiled import CompiledDecode
 
-        if self.model.config._attn_implementation != ATTENTION:
+        if self.model.config._attn_implementation != ATTENTION or not self._attention_gets_model_kwargs():
             raise PromptCacheError(f"compile_decode needs a model whose attention goes through transformers' "
-                                   f"AttentionInterface (llama, mistral, qwen2, ...); {self.config.model_type} "
-                                   "does not")
+                                   f"AttentionInterface and receives the model's keyword arguments (llama, "
+                                   f"mistral, qwen2, ...); {self.config.model_type} does not")
         self.compiled = CompiledDecode(self.model, options, backend)
+
+    def _attention_gets_model_kwargs(self) -> bool:
+        """Whether keyword arguments given to the model reach the attention function of every layer (the
+        compiled step hands its cache block over that way). One eager token through `compiled.block_attention`
+        over an empty one-slot block; transformers 5.25's Falcon, say, dispatches through the interface but
+        its decoder layers drop the keyword arguments."""
+        from .compiled import BLOCK, FED, SINK
+
+        kv_heads, head_dim = self.kv_geometry
+        block = torch.zeros(2, self.num_layers, 1, kv_heads, 1, head_dim, dtype=self.dtype, device=self.device)
+        ids = torch.zeros((1, 1), dtype=torch.long, device=self.device)
+        sink: list = []
+        with torch.inference_mode():
+            self.model(input_ids=ids, position_ids=torch.zeros_like(ids), use_cache=False, logits_to_keep=1,
+                       **{BLOCK: block, FED: torch.tensor(0, device=self.device), SINK: sink})
+        return len(sink) == self.num_layers
 
     def decode(self, token: int, position: int, cache, k_pos: torch.Tensor, fed: int) -> torch.Tensor:
         """Logits [vocab] of one generated `token` at `position`, after the `fed` keys of `cache`.

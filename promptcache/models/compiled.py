@@ -79,6 +79,31 @@ def block_attention(module, query: torch.Tensor, key: torch.Tensor, value: torch
     return out.view(b, heads, n, value.shape[-1]).transpose(1, 2)
 
 
+def plain_kernel_forwards(model) -> int:
+    """Make the modules of `model` that `kernels.use_kernelized_func` wrapped (transformers >= 5.25 wraps
+    Llama's attention, ...) call their plain forward; the number of modules changed.
+
+    The wrapper routes calls to hub kernels through one `CompileableContextVar`; while any thread runs
+    compiled code, kernels 0.19 switches that variable to a process-wide global, and an eager forward in
+    another thread then restores its own context token into the global (a request failed with
+    "'_contextvars.Token' object has no attribute 'get'", and every later call of every model in the
+    process with it). Without hub kernels (never loaded unless the model was `kernelize`d) the wrapper
+    calls the plain function anyway. Kernelized models are left as they are. Instance attributes only:
+    other models of the class in the process keep the wrapper.
+    """
+    changed = 0
+    for module in model.modules():
+        wrapped = getattr(type(module).forward, "__wrapped__", None)
+        funcs = module.__dict__.get("_kernel_funcs")
+        if wrapped is None or funcs is None or "forward" in module.__dict__:
+            continue
+        if any("forward" in f.__dict__ for f in funcs.values()):
+            continue  # kernelized: `kernels.kernelize` gave a function a hub kernel's forward
+        module.forward = wrapped.__get__(module)
+        changed += 1
+    return changed
+
+
 class CompiledDecode:
     """The compiled forward of a few tokens of a model whose attention is `adapter.ATTENTION`.
 
@@ -95,6 +120,9 @@ class CompiledDecode:
 
     def __init__(self, model, options: dict | None = None, backend: str = "inductor"):
         self.model = model
+        unhooked = plain_kernel_forwards(model)
+        if unhooked:
+            logger.debug("compiled decode: %d modules call their plain forward (no hub-kernel routing)", unhooked)
         self.options = dict(INDUCTOR_OPTIONS if options is None else options)
         inductor = self.options if backend == "inductor" else {}
         # NOTE: no guards on the model's modules (~1.6 ms per call on SmolLM2's 30 layers, 8% of a decoded

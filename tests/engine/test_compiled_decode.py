@@ -65,6 +65,27 @@ def test_threads_share_one_compiled_step():
     assert [got[i] for i in range(len(prompts))] == expected
 
 
+def test_a_compiled_engine_leaves_the_hub_kernel_context_alone(monkeypatch):
+    """kernels 0.19 routes hub kernels through one context variable that turns process-wide while any thread runs
+    compiled code; an eager forward in another thread then corrupted it for the whole process (the test above
+    failed one run in three). A compiled engine's model never sets it: prefill, the compiled steps and their
+    compilation."""
+    layer = pytest.importorskip("kernels._internals.layer.layer")
+    variable = getattr(layer, "_ACTIVE_KERNEL_FUNCS", None)
+    if variable is None:
+        pytest.skip("this kernels has no shared hub-kernel context variable")
+    engine = _engine("llama", True)
+    calls: list = []
+    real_set = variable.set
+    monkeypatch.setattr(variable, "set", lambda value: calls.append(value) or real_set(value))
+    for prompt in REQUESTS[:3]:
+        engine.generate(prompt, max_new_tokens=4, ignore_eos=True)
+    assert engine.adapter.compiled.compile_s is not None and engine.adapter.compiled.compile_few_s is not None
+    assert calls == []
+    pc.Engine(*pc.testing.tiny_model("llama", seed=0), progress=False).generate(REQUESTS[1], max_new_tokens=2)
+    assert calls, "an eager engine goes through the wrapper: the patch above sees its calls"
+
+
 @pytest.mark.parametrize("arch", ["llama", "qwen2"])
 def test_a_few_new_tokens_after_a_cached_context_run_compiled_as_eagerly(arch):
     """A question after a cached prefix, after a spliced module, and a short uncached prompt: 3..32 new
