@@ -270,7 +270,8 @@ class MptAdapter(Adapter):
 
 def _uses_attention_interface(model) -> bool:
     """Whether the model's attention dispatches through transformers' `AttentionInterface` (Llama,
-    Mistral, Qwen2, ...; not Falcon or MPT, which branch on the implementation's name themselves)."""
+    Mistral, Qwen2, Falcon from transformers 5.25 on, ...; not MPT, which branches on the implementation's name
+    itself)."""
     import sys
 
     return hasattr(sys.modules.get(type(model).__module__), "ALL_ATTENTION_FUNCTIONS")
