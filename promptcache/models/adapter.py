@@ -19,6 +19,7 @@ the keys at positions <= its own.
 from __future__ import annotations
 
 import functools
+import inspect
 import logging
 import threading
 from contextlib import contextmanager
@@ -108,6 +109,8 @@ class Adapter:
         self.num_layers = cfg.num_hidden_layers
         self.max_positions = _max_positions(cfg)
         self.compiled = None  # a `compiled.CompiledDecode` once `compile_decode` ran
+        # transformers 5.25 renamed the model's `past_key_values` argument `cache` (the old name warns; gone in 5.40)
+        self.cache_arg = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
         attn = getattr(model.config, "_attn_implementation", None)
         if _uses_attention_interface(model):
             _register_attention()
@@ -127,7 +130,7 @@ class Adapter:
         probe = DynamicCache()
         ids = torch.zeros((1, 1), dtype=torch.long, device=self.device)
         with torch.inference_mode():
-            self.model(input_ids=ids, past_key_values=probe, use_cache=True)
+            self.model(input_ids=ids, use_cache=True, **{self.cache_arg: probe})
         k = probe.layers[0].keys
         return k.shape[1], k.shape[-1]
 
@@ -199,8 +202,8 @@ class Adapter:
             return self.compiled.forward(input_ids[0].tolist(), q_pos.tolist(), cache, past_pos.numel())[None, None]
         with self.positions(k_pos):
             out = self.model(input_ids=input_ids, position_ids=q_pos[None].expand(input_ids.shape[0], -1),
-                             attention_mask=mask, past_key_values=cache, use_cache=True,
-                             logits_to_keep=logits_to_keep)
+                             attention_mask=mask, use_cache=True, logits_to_keep=logits_to_keep,
+                             **{self.cache_arg: cache})
         return out.logits
 
     def _compiled_takes(self, input_ids: torch.Tensor, cache, past: int, logits_to_keep: int) -> bool:

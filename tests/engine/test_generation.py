@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import warnings
+
 import pytest
 import torch
 
@@ -158,3 +160,14 @@ def test_streamed_deltas_are_stable_prefixes(pieces, stop):
 ])
 def test_deterministic_sampling_params(params, expected):
     assert pc.SamplingParams(**params).deterministic is expected
+
+
+def test_no_deprecated_model_argument_is_passed(arch):
+    """transformers 5.25 renamed the model's `past_key_values` argument `cache` (the old name warns on every call and
+    goes in 5.40): a cached request with a module, new text and decoding passes whichever name the model takes."""
+    engine = make_engine(arch)
+    engine.add_schema(DOCS)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message=".*past_key_values.*")
+        engine.generate(ALL_DOCS_PROMPT, max_new_tokens=3, ignore_eos=True)
+        engine.generate("A plain prompt.", max_new_tokens=3, ignore_eos=True)
