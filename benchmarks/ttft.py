@@ -109,8 +109,8 @@ def ideal_setup(engine, prompt: str, kind: str = "static"):
 
     @torch.inference_mode()
     def run():
-        out["logits"] = engine.model(input_ids=ids, position_ids=pos, past_key_values=cache, use_cache=True,
-                                     logits_to_keep=1).logits
+        out["logits"] = engine.model(input_ids=ids, position_ids=pos, use_cache=True, logits_to_keep=1,
+                                     **{engine.adapter.cache_arg: cache}).logits
 
     def reset():  # forget the new tokens the last run wrote (crop takes a negative count in v5)
         if kind == "static":
