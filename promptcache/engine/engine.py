@@ -45,7 +45,7 @@ from .identity import FINGERPRINTS, engine_identity
 from .modules import ModuleRegistry
 from .plain import plain_plan
 from .prefill import CacheSpec, Prefill, prefill_full, prefill_modules, prefill_prefix
-from .recompute import DEFAULT_RECOMPUTE, Recompute, plan_blend, recompute_policy
+from .recompute import DEFAULT_RECOMPUTE, Recompute, plan_blend, recompute_policy, recomputes_all
 from .request import RequestPlan, make_plan
 from .usage import Chunk, Completion, Usage
 
@@ -66,7 +66,9 @@ class Engine:
         ttl_s: drop stored module states (and cached prefixes) idle for longer than this.
         store_dir: persist module states there (safetensors), keyed by everything they depend on.
         response_cache_dir: answer identical deterministic requests from disk (off by default).
-        prefix_cache: reuse the longest previously computed prefix of plain prompts and chats.
+        prefix_cache: reuse the longest previously computed prefix of plain prompts and chats; also keeps
+            the states of PML prompts whose stale states were all recomputed (`recompute=1.0`), so that the
+            next such request of the same text computes only what follows them.
         prefix_budget_bytes: bytes of prefix states kept, least recently used leaves dropped first
             (default `kv.prefix.DEFAULT_PREFIX_BUDGET_BYTES`, 1 GiB; None: unbounded).
         pool_blocks: idle request caches kept for the next requests (None: 4 on the CPU, where a
@@ -250,6 +252,14 @@ class Engine:
                 # the last token is computed: its logits start the answer
                 parts = _first_tokens(match.states, min(match.length, len(tokens.token_ids) - 1))
                 return self._pooled(prefill_prefix(self.adapter, spec, tokens.token_ids, parts))
+        if self.prefix is not None and recomputes_all(policy):
+            # the prompt's full prefill is asked for: an earlier one of the same text may be in the prefix tree
+            with self.prefix.match(tokens.token_ids, plan.namespace) as match:
+                if match.length >= _spliced_end(tokens):
+                    spec = CacheSpec(functools.partial(self._new_cache, reuse=Reuse(
+                        "prefix", plan.namespace, plan.token_ids[:-1])), self.device, spec.capacity)
+                    parts = _first_tokens(match.states, min(match.length, len(tokens.token_ids) - 1))
+                    return self._pooled(prefill_prefix(self.adapter, spec, tokens.token_ids, parts))
         checkout = self.modules.checkout(plan.schema, tokens.cached)
         blend = plan_blend(policy, plan.schema, tokens, list(checkout.states), self.adapter)
         pre = prefill_modules(self.adapter, spec, list(checkout.states), tokens.new_token_ids,
@@ -343,8 +353,9 @@ class Engine:
         yield out
 
     def _remember_prefix(self, plan: RequestPlan, pre: Prefill, decoder: Decoder) -> int:
-        """Store a plain prompt's or chat's states (and the reply's) for the next request; prompt tokens written."""
-        if plan.source != "prefix":
+        """Store a plain prompt's or chat's states (and the reply's) for the next request, and a PML prompt's
+        when they are its full prefill's (every stale state recomputed); prompt tokens written."""
+        if self.prefix is None or plan.source == "none" or not (plan.source == "prefix" or pre.exact):
             return 0
         ids = list(plan.token_ids) + decoder.token_ids[: decoder.fed - len(plan.token_ids)]
         states = pre.cache.states(ids, pre.key_positions[:len(ids)])
@@ -401,6 +412,12 @@ class Engine:
         """Give the block back on close, with a record of what it holds (`kv.warm`)."""
         pre.release = lambda block: self.pool.give(block, contents_of(pre.cache, pre.token_ids))
         return pre
+
+
+def _spliced_end(tokens) -> int:
+    """How many of a PML prompt's first tokens (position order) reach past its last spliced one."""
+    new = set(tokens.new_positions)
+    return 1 + max((i for i, p in enumerate(tokens.positions) if p not in new), default=-1)
 
 
 def _first_tokens(states: Sequence[KVStates], n: int) -> list[KVStates]:

@@ -39,6 +39,10 @@ class Prefill:
         written_tokens: prompt tokens whose states this request encoded and stored.
         modules_hit / modules_written: PML modules spliced from the store / (re-)encoded now.
         recomputed_tokens: spliced tokens whose stale states were recomputed (`engine.recompute`).
+        exact: every filled slot holds the full prefill's state of its token at positions 0..length-1
+            in slot order (a causal prefix state), so the prompt's states may go into the prefix tree.
+            Set for prefix prefills, full prefills and PML prompts whose every stale state was
+            recomputed with the gaps closed; not for PML splices, whose modules the store holds.
         token_ids: the token in every filled slot, in slot order, where the cache may stay warm for a
             later prompt with the same start (`kv.warm`, plain prompts); the decoder appends what it
             feeds. None elsewhere.
@@ -55,6 +59,7 @@ class Prefill:
     modules_hit: tuple[str, ...] = ()
     modules_written: tuple[str, ...] = ()
     recomputed_tokens: int = 0
+    exact: bool = False
     token_ids: list[int] | None = None
     release: Callable[[torch.Tensor], None] | None = field(default=None, repr=False)
 
@@ -102,7 +107,7 @@ def prefill_full(adapter, spec: CacheSpec, token_ids: Sequence[int]) -> Prefill:
     ids = torch.tensor([list(token_ids)], dtype=torch.long, device=spec.device)
     logits = run_chunks(adapter, ids, k_pos, 0, cache)
     n = len(token_ids)
-    return Prefill(cache, k_pos, n, n, spec.capacity - n, logits[0, -1])
+    return Prefill(cache, k_pos, n, n, spec.capacity - n, logits[0, -1], exact=True)
 
 
 def prefill_prefix(adapter, spec: CacheSpec, token_ids: Sequence[int], prefix: Sequence[KVStates]) -> Prefill:
@@ -118,7 +123,7 @@ def prefill_prefix(adapter, spec: CacheSpec, token_ids: Sequence[int], prefix: S
     new = torch.tensor([list(token_ids[use:])], dtype=torch.long, device=spec.device)
     logits = run_chunks(adapter, new, k_pos, use, cache)
     n = len(token_ids)
-    return Prefill(cache, k_pos, n, n, spec.capacity - n, logits[0, -1], cached_tokens=use,
+    return Prefill(cache, k_pos, n, n, spec.capacity - n, logits[0, -1], cached_tokens=use, exact=True,
                    token_ids=list(token_ids))
 
 

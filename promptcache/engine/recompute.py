@@ -41,8 +41,10 @@ Given `Recompute(fraction)`, a prompt's request runs in three steps (`Blend.pref
      response cache (a function has no stable identity across runs).
 
 `fraction=1.0` recomputes every stale token: the prefill is then the full prefill of the same text
-(kept tokens are its states already). Stored states are only read; the request's own cache block
-is where keys are rotated and states written.
+(kept tokens are its states already). Such a prefill is marked `Prefill.exact`, and the engine keeps
+its states in the prefix tree: a later full recompute of the same text up to its last module reads
+them there instead (`recomputes_all`), so exactness is paid once per text. Stored states are only
+read; the request's own cache block is where keys are rotated and states written.
 """
 
 from __future__ import annotations
@@ -124,6 +126,12 @@ def check_fraction(value: object) -> float:
         raise PromptError(f"invalid recompute={value!r:.80}: must be a float in [0, 1] (the fraction of "
                           "spliced tokens to recompute) or a Recompute")
     return float(value)
+
+
+def recomputes_all(policy: Recompute | None) -> bool:
+    """Whether `policy` recomputes every stale token with the gaps closed: a prompt's prefill is then
+    the full prefill of its text, so a prefix of it cached by an earlier request may stand in for it."""
+    return policy is not None and policy.fraction >= 1.0 and not callable(policy.rule) and policy.close_gaps
 
 
 def recompute_policy(value: object) -> Recompute | None:
@@ -306,8 +314,11 @@ class Blend:
         skip = set(kept) | {cands[j] for j in reuse}
         queries = [i for i in range(len(self.seq)) if i not in skip]
         logits, n = self._fill(adapter, cache, k_pos, parts, len(kept), cands, reuse, queries, fresh)
+        # nothing stale left and every slot at its rank: the full prefill's states (kept ones are already)
+        exact = not reuse and n == len(self.seq) and bool(
+            torch.equal(k_pos[:n].cpu(), torch.arange(n, dtype=k_pos.dtype)))
         return Prefill(cache, k_pos, n, len(self.seq), spec.capacity - n, logits[0, -1],
-                       cached_tokens=n - len(queries), recomputed_tokens=len(chosen))
+                       cached_tokens=n - len(queries), recomputed_tokens=len(chosen), exact=exact)
 
     def _fill(self, adapter, cache, k_pos: torch.Tensor, parts: list[KVStates], at: int, cands: list[int],
               reuse: list[int], queries: list[int], fresh) -> tuple[torch.Tensor, int]:

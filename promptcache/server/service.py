@@ -183,7 +183,8 @@ class Service:
                             {(("tier", t),): stats[f"{t}_bytes"] for t in ("device", "host")}),
             "store_modules": ("Modules whose states are in each memory tier.",
                               {(("tier", t),): stats[f"{t}_modules"] for t in ("device", "host")}),
-            "prefix_cache_bytes": ("Bytes of cached prompt prefixes (plain prompts and chats).",
+            "prefix_cache_bytes": ("Bytes of cached prompt prefixes (plain prompts, chats, PML prompts "
+                                   "recomputed in full).",
                                    {(): prefix.nbytes if prefix is not None else 0}),
             "request_cache_idle_bytes": ("Bytes of idle request caches kept for reuse.",
                                          {(): self.engine.pool.idle_bytes}),

@@ -63,14 +63,53 @@ def test_full_recompute_is_the_full_prefill(engine, case):
     add(engine)
     text = prompt(STALE[case])
     full = engine.generate(text, max_new_tokens=12, enable_cache=False)
+    logits, recomputed = first_logits(engine, text, 1.0)  # before generate keeps its states for the next
     cached = engine.generate(text, max_new_tokens=12, recompute=1.0)
     assert cached.token_ids == full.token_ids and len(set(full.token_ids)) > 1
     assert cached.usage.cached_tokens + cached.usage.recomputed_tokens == engine.plan(text).tokens.cached_token_count
-    logits, recomputed = first_logits(engine, text, 1.0)
     torch.testing.assert_close(logits, first_logits(engine, text, cached=False)[0], rtol=1e-4, atol=1e-4)
     assert recomputed == cached.usage.recomputed_tokens > 0
     spliced, _ = first_logits(engine, text, 0.0)
     assert (spliced - logits).abs().max() > 1e-4, "splicing as stored must differ here, or the test shows nothing"
+
+
+@pytest.mark.parametrize("case", ["skipped", "union", "parameter"])
+def test_a_full_recompute_is_kept_for_the_next_request_of_the_same_text(engine, case):
+    add(engine)
+    text = prompt(STALE[case])
+    other = f'<prompt schema="g">{STALE[case]}<user>And who wrote it?</user></prompt>'
+    first = engine.generate(text, max_new_tokens=8, recompute=1.0)
+    assert first.usage.recomputed_tokens > 0
+    for question in (text, other):
+        again = engine.generate(question, max_new_tokens=8, recompute=1.0)
+        assert again.token_ids == engine.generate(question, max_new_tokens=8, enable_cache=False).token_ids
+        assert again.usage.recomputed_tokens == 0 and again.usage.modules_hit == ()
+        assert again.usage.cached_tokens >= engine.plan(question).tokens.cached_token_count
+    # another tenant's request computes its own
+    assert engine.generate(text, max_new_tokens=8, recompute=1.0, namespace="b").usage.recomputed_tokens > 0
+
+
+def test_only_a_full_recompute_is_kept_and_only_a_full_recompute_reuses_it(engine):
+    add(engine)
+    text = prompt(STALE["union"])
+    stale = engine.generate(text, max_new_tokens=8, recompute=1.0, namespace="count").usage.recomputed_tokens
+    partial = engine.generate(text, max_new_tokens=8, recompute=0.2)
+    assert 0 < partial.usage.recomputed_tokens < stale
+    assert engine.generate(text, max_new_tokens=8, recompute=1.0).usage.recomputed_tokens > 0, \
+        "a partial recompute's states are approximate: nothing of them may stand in for the full prefill"
+    again = engine.generate(text, max_new_tokens=8, recompute=0.2)
+    assert again.usage.recomputed_tokens == partial.usage.recomputed_tokens and again.token_ids == partial.token_ids
+    exact = prompt(EXACT)
+    assert engine.generate(exact, max_new_tokens=8).usage.cache_write_tokens == 0, "exact splices stay in the store"
+
+
+def test_without_a_prefix_cache_a_full_recompute_computes_every_time(arch):
+    engine = make_engine(arch, prefix_cache=False)
+    add(engine)
+    text = prompt(STALE["skipped"])
+    first = engine.generate(text, max_new_tokens=8, recompute=1.0)
+    second = engine.generate(text, max_new_tokens=8, recompute=1.0)
+    assert second.token_ids == first.token_ids and second.usage.recomputed_tokens == first.usage.recomputed_tokens > 0
 
 
 def test_exact_selection_is_never_touched(engine):
@@ -242,7 +281,9 @@ def test_threads_equal_serial_and_stored_states_stay(arch):
         out = engine.generate(job[0], max_new_tokens=6, recompute=job[1])
         return out.token_ids, out.usage.recomputed_tokens
 
-    serial = [run(job) for job in JOBS]
+    first = [run(job) for job in JOBS]
+    serial = [run(job) for job in JOBS]  # a full recompute's states are kept: from now on its requests reuse them
+    assert [tokens for tokens, _ in serial] == [tokens for tokens, _ in first]
     before = snapshot(engine)
     with ThreadPoolExecutor(max_workers=4) as pool:
         assert list(pool.map(run, JOBS * 3)) == serial * 3
