@@ -8,6 +8,10 @@ round-robin (`common.time_interleaved`), with the median of `--repeat` runs afte
 - full: `generate(prompt, max_new_tokens=1, enable_cache=False)`, the full prefill;
 - cached at each fraction: `generate(prompt, max_new_tokens=1, recompute=Recompute(f, rule))`.
 
+With `--kept`, also a full recompute of a text an earlier request already recomputed in full, on an
+engine with a prefix cache (the engine keeps such a prompt's states): `generate(prompt,
+max_new_tokens=1, recompute=1.0)` again, against the full prefill in its own round robin.
+
 Both the wall clock and this process's CPU time are recorded; the speedup is on CPU time, which
 another job's load does not inflate (run with `--threads 1` so that CPU time is the work done).
 
@@ -19,6 +23,7 @@ result of this script, without timing anything.
 
     python benchmarks/recompute.py --model smollm2-135m-instruct --threads 1
     python benchmarks/recompute.py --quick                               # tiny llama, 2 modules
+    python benchmarks/recompute.py --threads 1 --fractions 1 --kept      # a full recompute, then again
     python benchmarks/recompute.py --replot results/recompute-x.json --quality q.json,oracles.json
 """
 
@@ -116,6 +121,29 @@ def measure(engine, text: str, args) -> list[dict]:
     return rows
 
 
+def measure_kept(engine, schema_text: str, text: str, args) -> dict:
+    """A full recompute of `text` after an earlier one, on an engine of the same model with a prefix cache
+    (the warm-up run keeps the states), timed against the full prefill in the same round robin."""
+    from promptcache.engine.engine import Engine
+
+    kept = Engine(engine.model, engine.tokenizer, device=engine.device, progress=False)
+    kept.add_schema(schema_text)
+    usage = {}
+
+    def go():
+        usage["kept"] = kept.generate(text, max_new_tokens=1, recompute=1.0).usage
+
+    times = time_round_robin({"full": lambda: engine.generate(text, max_new_tokens=1, enable_cache=False),
+                              "kept": go}, args.repeat)
+    full_wall, full_cpu = (median([t[i] for t in times["full"]]) for i in (0, 1))
+    wall, cpu = (median([t[i] for t in times["kept"]]) for i in (0, 1))
+    return {"fraction": None, "rule": "full recompute, kept", "context_tokens": len(kept.plan(text).token_ids),
+            "cached_tokens": usage["kept"].cached_tokens, "recomputed_tokens": usage["kept"].recomputed_tokens,
+            "ttft_ms": wall, "ttft_full_ms": full_wall, "speedup_wall": full_wall / wall,
+            "ttft_cpu_ms": cpu, "ttft_full_cpu_ms": full_cpu, "speedup": full_cpu / cpu,
+            "runs_ms": {"wall": [t[0] for t in times["kept"]], "cpu": [t[1] for t in times["kept"]]}}
+
+
 def plot(rows: list[dict], quality: dict | None, path: Path) -> Path | None:
     try:
         import matplotlib
@@ -165,6 +193,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--dtype", default="float32")
     p.add_argument("--quality", help="quality.py JSONs (comma-separated): plot their agreement next to the speedup")
     p.add_argument("--replot", help="a result of this script: draw its plot again (with --quality), time nothing")
+    p.add_argument("--kept", action="store_true",
+                   help="also time a full recompute of the same text again, its states kept (prefix cache)")
     p.add_argument("--quick", action="store_true", help="3 modules of 32 tokens, fractions 0/0.15/1, 1 repeat")
     p.add_argument("--out", default="benchmarks/results")
     p.add_argument("--name", default="recompute")
@@ -196,9 +226,16 @@ def main(argv: list[str] | None = None) -> list[dict]:
     device = resolve_device(args.device)
     dtype = resolve_dtype(args.dtype, device)
     engine, label = load_engine(args.model, device, dtype, args.threads)
-    engine.add_schema(schema(engine.tokenizer, args.modules, args.doc_tokens))
+    schema_text = schema(engine.tokenizer, args.modules, args.doc_tokens)
+    engine.add_schema(schema_text)
     rows = [{"model": label, **r} for r in measure(engine, prompt(args.modules), args)]
     print(table([r for r in rows if r["fraction"] is not None], COLUMNS))
+    if args.kept:
+        kept = {"model": label, **measure_kept(engine, schema_text, prompt(args.modules), args)}
+        rows.append(kept)
+        print(f"\nfull recompute again, its states kept: {kept['cached_tokens']} of {kept['context_tokens']} tokens "
+              f"cached, {kept['recomputed_tokens']} recomputed, {kept['ttft_cpu_ms']:.0f} ms CPU against "
+              f"{kept['ttft_full_cpu_ms']:.0f} ms for the full prefill ({kept['speedup']:.1f}x)")
     payload = result_payload("recompute", device, dtype, load_start, argv, rows, model=label,
                              torch_threads=torch.get_num_threads())
     path = write_json(args.out, f"{args.name}.json", payload)

@@ -135,6 +135,15 @@ def test_recompute_ttft_runner(tmp_path):
     assert (tmp_path / "recompute.png").exists() == (importlib.util.find_spec("matplotlib") is not None)
 
 
+def test_recompute_runner_times_a_kept_full_recompute(tmp_path):
+    rows = recompute.main(["--quick", "--model", "llama", "--kept", "--out", str(tmp_path)])
+    assert [(r["fraction"], r["rule"]) for r in rows][-3:] == [(1.0, "first"), (None, "full prefill"),
+                                                              (None, "full recompute, kept")]
+    kept = rows[-1]
+    assert kept["recomputed_tokens"] == 0 and kept["cached_tokens"] == kept["context_tokens"] - 1
+    assert rows[-3]["recomputed_tokens"] > 0 and kept["ttft_cpu_ms"] > 0 and kept["speedup"] > 0
+
+
 def test_replot_draws_the_plot_again_from_a_saved_result_and_several_quality_files(tmp_path):
     first, bounds = tmp_path / "q.json", tmp_path / "bounds.json"
     first.write_text(json.dumps({"model": "m", "rows": [{"setup": "union", "rule": r, "fraction": f, "agreement": a}
