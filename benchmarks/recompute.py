@@ -92,6 +92,15 @@ def time_round_robin(settings: dict[str, Callable[[], object]], repeat: int, war
     return times
 
 
+def timings(times: dict[str, list[tuple[float, float]]], key: str) -> dict:
+    """Setting `key`'s median TTFT (wall, CPU), the full prefill's (setting "full") and the speedups."""
+    full_wall, full_cpu = (median([t[i] for t in times["full"]]) for i in (0, 1))
+    wall, cpu = (median([t[i] for t in times[key]]) for i in (0, 1))
+    return {"ttft_ms": wall, "ttft_full_ms": full_wall, "speedup_wall": full_wall / wall,
+            "ttft_cpu_ms": cpu, "ttft_full_cpu_ms": full_cpu, "speedup": full_cpu / cpu,
+            "runs_ms": {"wall": [t[0] for t in times[key]], "cpu": [t[1] for t in times[key]]}}
+
+
 def measure(engine, text: str, args) -> list[dict]:
     usage = {}  # setting -> the Usage of its last run
 
@@ -105,17 +114,12 @@ def measure(engine, text: str, args) -> list[dict]:
     for f in args.fractions:
         settings[f"{f}"] = run(f"{f}", Recompute(f, rule=args.rule) if f > 0 else 0.0)
     times = time_round_robin(settings, args.repeat)
-    full_wall, full_cpu = (median([t[i] for t in times["full"]]) for i in (0, 1))
     plan = engine.plan(text)
     rows = []
     for f in args.fractions:
-        wall, cpu = (median([t[i] for t in times[f"{f}"]]) for i in (0, 1))
         rows.append({"fraction": f, "rule": args.rule, "context_tokens": len(plan.token_ids),
                      "spliced_tokens": plan.tokens.cached_token_count,
-                     "recomputed_tokens": usage[f"{f}"].recomputed_tokens,
-                     "ttft_ms": wall, "ttft_full_ms": full_wall, "speedup_wall": full_wall / wall,
-                     "ttft_cpu_ms": cpu, "ttft_full_cpu_ms": full_cpu, "speedup": full_cpu / cpu,
-                     "runs_ms": {"wall": [t[0] for t in times[f"{f}"]], "cpu": [t[1] for t in times[f"{f}"]]}})
+                     "recomputed_tokens": usage[f"{f}"].recomputed_tokens, **timings(times, f"{f}")})
     rows.append({"fraction": None, "rule": "full prefill", "runs_ms": {"wall": [t[0] for t in times["full"]],
                                                                        "cpu": [t[1] for t in times["full"]]}})
     return rows
@@ -135,13 +139,9 @@ def measure_kept(engine, schema_text: str, text: str, args) -> dict:
 
     times = time_round_robin({"full": lambda: engine.generate(text, max_new_tokens=1, enable_cache=False),
                               "kept": go}, args.repeat)
-    full_wall, full_cpu = (median([t[i] for t in times["full"]]) for i in (0, 1))
-    wall, cpu = (median([t[i] for t in times["kept"]]) for i in (0, 1))
     return {"fraction": None, "rule": "full recompute, kept", "context_tokens": len(kept.plan(text).token_ids),
             "cached_tokens": usage["kept"].cached_tokens, "recomputed_tokens": usage["kept"].recomputed_tokens,
-            "ttft_ms": wall, "ttft_full_ms": full_wall, "speedup_wall": full_wall / wall,
-            "ttft_cpu_ms": cpu, "ttft_full_cpu_ms": full_cpu, "speedup": full_cpu / cpu,
-            "runs_ms": {"wall": [t[0] for t in times["kept"]], "cpu": [t[1] for t in times["kept"]]}}
+            **timings(times, "kept")}
 
 
 def plot(rows: list[dict], quality: dict | None, path: Path) -> Path | None:

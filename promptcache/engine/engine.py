@@ -25,7 +25,7 @@ from ..errors import PromptError
 from ..kv.cache import RequestCache, request_cache
 from ..kv.disk import DiskStore, states_key
 from ..kv.pool import BufferPool
-from ..kv.prefix import DEFAULT_PREFIX_BUDGET_BYTES, PrefixTree
+from ..kv.prefix import DEFAULT_PREFIX_BUDGET_BYTES, PrefixMatch, PrefixTree
 from ..kv.states import KVStates
 from ..kv.store import ModuleStore
 from ..kv.warm import Reuse, contents_of
@@ -241,25 +241,19 @@ class Engine:
         Close the result (or use it in a `with` block) when done: its cache goes back to the pool.
         """
         policy = self._recompute_policy(recompute)
-        reuse = None if plan.source == "none" else Reuse("modules") if plan.source == "modules" else \
-            Reuse("prefix", plan.namespace, plan.token_ids[:-1])  # what a warm block may hand over (kv.warm)
-        spec = CacheSpec(functools.partial(self._new_cache, reuse=reuse), self.device, plan.capacity(max_new_tokens))
+        capacity = plan.capacity(max_new_tokens)
         tokens = plan.tokens
         if plan.source == "none":
-            return self._pooled(prefill_full(self.adapter, spec, tokens.token_ids))
+            return self._pooled(prefill_full(self.adapter, self._spec(None, capacity), tokens.token_ids))
         if plan.source == "prefix":
             with self.prefix.match(tokens.token_ids, plan.namespace) as match:
-                # the last token is computed: its logits start the answer
-                parts = _first_tokens(match.states, min(match.length, len(tokens.token_ids) - 1))
-                return self._pooled(prefill_prefix(self.adapter, spec, tokens.token_ids, parts))
+                return self._after_prefix(plan, match, capacity)
         if self.prefix is not None and recomputes_all(policy):
             # the prompt's full prefill is asked for: an earlier one of the same text may be in the prefix tree
             with self.prefix.match(tokens.token_ids, plan.namespace) as match:
                 if match.length >= _spliced_end(tokens):
-                    spec = CacheSpec(functools.partial(self._new_cache, reuse=Reuse(
-                        "prefix", plan.namespace, plan.token_ids[:-1])), self.device, spec.capacity)
-                    parts = _first_tokens(match.states, min(match.length, len(tokens.token_ids) - 1))
-                    return self._pooled(prefill_prefix(self.adapter, spec, tokens.token_ids, parts))
+                    return self._after_prefix(plan, match, capacity)
+        spec = self._spec(Reuse("modules"), capacity)
         checkout = self.modules.checkout(plan.schema, tokens.cached)
         blend = plan_blend(policy, plan.schema, tokens, list(checkout.states), self.adapter)
         pre = prefill_modules(self.adapter, spec, list(checkout.states), tokens.new_token_ids,
@@ -267,6 +261,18 @@ class Engine:
         pre.written_tokens, pre.modules_written = checkout.written_tokens, checkout.written
         pre.modules_hit = tuple(p for p in tokens.cached if p not in checkout.written)
         return self._pooled(pre)
+
+    def _spec(self, reuse: Reuse | None, capacity: int) -> CacheSpec:
+        """A request cache of `capacity` slots; `reuse`: what a warm block may hand over (kv.warm)."""
+        return CacheSpec(functools.partial(self._new_cache, reuse=reuse), self.device, capacity)
+
+    def _after_prefix(self, plan: RequestPlan, match: PrefixMatch, capacity: int) -> Prefill:
+        """Prefill `plan`'s tokens after the prefix-tree `match`: the full prefill of its text."""
+        ids = plan.token_ids
+        spec = self._spec(Reuse("prefix", plan.namespace, ids[:-1]), capacity)
+        # the last token is computed: its logits start the answer
+        parts = _first_tokens(match.states, min(match.length, len(ids) - 1))
+        return self._pooled(prefill_prefix(self.adapter, spec, ids, parts))
 
     def decoder(self, plan: RequestPlan, prefill: Prefill, params: SamplingParams | None = None) -> Decoder:
         """A `Decoder` generating after `prefill` under `params` (default: greedy)."""
@@ -355,7 +361,7 @@ class Engine:
     def _remember_prefix(self, plan: RequestPlan, pre: Prefill, decoder: Decoder) -> int:
         """Store a plain prompt's or chat's states (and the reply's) for the next request, and a PML prompt's
         when they are its full prefill's (every stale state recomputed); prompt tokens written."""
-        if self.prefix is None or plan.source == "none" or not (plan.source == "prefix" or pre.exact):
+        if self.prefix is None or plan.source == "none" or not pre.exact:  # prefix prefills are exact
             return 0
         ids = list(plan.token_ids) + decoder.token_ids[: decoder.fed - len(plan.token_ids)]
         states = pre.cache.states(ids, pre.key_positions[:len(ids)])
