@@ -355,8 +355,7 @@ class Engine:
             yield hit.text
             yield hit
             return
-        request = self.scheduler.submit(plan, params, policy)
-        request.t0 = t0
+        request = self.scheduler.submit(plan, params, policy, t0=t0)
         try:
             for item in request:
                 if isinstance(item, Completion):
@@ -368,7 +367,7 @@ class Engine:
                 elif stream:
                     yield item
         finally:
-            request.cancel()  # a caller that stopped reading: the request leaves the batch at the next step
+            self.scheduler.cancel(request)  # a caller that stopped reading: it leaves the batch, its cache freed
 
     def remember_prefix(self, plan: RequestPlan, pre: Prefill, decoder: Decoder) -> int:
         """Store a plain prompt's or chat's states (and the reply's) for the next request, and a PML prompt's

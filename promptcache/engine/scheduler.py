@@ -1,17 +1,17 @@
 """`Scheduler`: continuous batching. Every running request advances in one forward per step.
 
-Requests are admitted between steps. A step gives one prefilling request a turn (a chunk of its
-prompt, `engine.turns`), then feeds the pending token of every decoding request in one batched
+Requests are admitted between steps. A step gives prefilling requests turns (chunks of their
+prompts, first come first served, `engine.turns`) within a budget of prompt tokens, then feeds the pending token of every decoding request in one batched
 forward (`models.batched`), and lets each pick its next token under its own sampling parameters,
 stop strings and budget:
 
-    step      admit | prefill turn (one request, one chunk) | batched decode (all decoding rows)
+    step      admit | prefill turns (a budget of prompt tokens) | batched decode (all decoding rows)
     request   waiting -> prefilling (turns) -> decoding (one token per step) -> done
                                    \\-> cancelled or failed: leaves at the next step, cache freed
 
-While any request decodes, a prefill's turn is at most `prefill_chunk` tokens, so that a long
-uncached prompt delays the other streams by one short chunk per step, not by its whole prefill;
-alone, it runs in chunks of `prefill.CHUNK`.
+While any request decodes, a step's prefill budget is `prefill_chunk` prompt tokens, so that a
+long uncached prompt delays the other streams by one short chunk per step, not by its whole
+prefill; while none does, it is `prefill.CHUNK`.
 
 Admission is bounded by `max_batch` running requests and by `kv_budget_bytes`: each running
 request reserves the cache its prompt and its whole budget of new tokens could need (its cache
@@ -77,6 +77,7 @@ class Request:
     ttft: float | None = None
     cancelled: bool = False
     ended: bool = False
+    finished: threading.Event = field(default_factory=threading.Event, repr=False)
 
     def __iter__(self) -> Iterator[str | Completion]:
         """Text deltas, then the `Completion` (raises what failed the request)."""
@@ -91,6 +92,10 @@ class Request:
     def cancel(self) -> None:
         """Leave the batch at the next step (idempotent; nothing happens once it ended)."""
         self.cancelled = True
+
+    def wait(self, timeout: float | None = None) -> bool:
+        """Block until the request ended (completed, failed or cancelled and its cache freed)."""
+        return self.finished.wait(timeout)
 
 
 class Scheduler:
@@ -117,7 +122,7 @@ class Scheduler:
         self.running: list[Request] = []
         self._lock = threading.Condition()
         self._thread: threading.Thread | None = None
-        self.steps = self.batched_rows = 0  # counters: steps run, decode rows fed in them
+        self.steps = self.batched_rows = self.widest = 0  # counters: steps, decode rows fed, most rows in a step
 
     # ---- submitting ------------------------------------------------------------------------
 
@@ -128,8 +133,9 @@ class Scheduler:
         return 2 * self.engine.adapter.num_layers * kv_heads * head_dim * elem
 
     def submit(self, plan: RequestPlan, params: SamplingParams | None = None, recompute: Recompute | None = None,
-               *, keep_logits: bool = False) -> Request:
-        """Queue a planned request (`Engine.plan`); iterate the returned `Request` for its output.
+               *, keep_logits: bool = False, t0: float | None = None) -> Request:
+        """Queue a planned request (`Engine.plan`); iterate the returned `Request` for its output. `t0`:
+        when the request started (`time.perf_counter()`, default now), for its usage's times.
 
         Raises:
             PromptError: the request's cache could never fit `kv_budget_bytes`.
@@ -143,6 +149,8 @@ class Scheduler:
                 f"{plan.budget(params.max_new_tokens)} new) = {need} bytes, over the engine's kv_budget_bytes="
                 f"{self.kv_budget_bytes}; lower max_new_tokens or the prompt, or raise kv_budget_bytes")
         request = Request(plan, params, recompute, need, keep_logits)
+        if t0 is not None:
+            request.t0 = t0
         with self._lock:
             self.waiting.append(request)
             if self.background and (self._thread is None or not self._thread.is_alive()):
@@ -151,16 +159,29 @@ class Scheduler:
             self._lock.notify()
         return request
 
+    def cancel(self, request: Request, timeout: float = 30.0) -> None:
+        """Cancel `request`; with the background thread running, return once it left the batch and its
+        cache was freed (the next step), or after `timeout` seconds."""
+        request.cancel()
+        with self._lock:
+            self._lock.notify()
+            waits = self.background and self._thread is not None and self._thread.is_alive()
+        if waits and not request.ended:
+            request.wait(timeout)
+
     # ---- stepping --------------------------------------------------------------------------
 
     def step(self) -> bool:
         """Admit, give one prefill a turn, decode every decoding request once; whether work is left."""
         self._admit()
         self._drop_cancelled()
-        decoding = [r for r in self.running if r.decoder is not None]
-        prefilling = [r for r in self.running if r.decoder is None]
-        if prefilling:
-            self._prefill_turn(prefilling[0], self.prefill_chunk if decoding else CHUNK)
+        budget = self.prefill_chunk if any(r.decoder is not None for r in self.running) else CHUNK
+        for request in [r for r in self.running if r.decoder is None]:  # first come, first served
+            if budget <= 0:
+                break
+            self._prefill_turn(request, budget)
+            budget -= max(1, request.turns.spent if request.turns is not None else 1)
+        decoding = [r for r in self.running if r.decoder is not None and r.decoder.pending() is not None]
         if decoding:
             self._decode(decoding)
         self.steps += 1
@@ -171,9 +192,6 @@ class Scheduler:
         with self._lock:
             reserved = sum(r.reserved_bytes for r in self.running)
             while self.waiting and len(self.running) < self.max_batch:
-                if self.waiting[0].cancelled:
-                    self._end(self.waiting.popleft(), None)
-                    continue
                 if reserved + self.waiting[0].reserved_bytes > self.kv_budget_bytes:
                     break  # waits for memory; requests behind it wait too (first come, first served)
                 request = self.waiting.popleft()
@@ -183,7 +201,12 @@ class Scheduler:
                 self.running.append(request)
 
     def _drop_cancelled(self) -> None:
-        for request in [r for r in self.running if r.cancelled]:
+        with self._lock:
+            gone = [r for r in (*self.running, *self.waiting) if r.cancelled]
+            for request in gone:
+                if request in self.waiting:
+                    self.waiting.remove(request)
+        for request in gone:
             self._end(request, None)
 
     def _prefill_turn(self, request: Request, tokens: int) -> None:
@@ -201,24 +224,23 @@ class Scheduler:
             self._end(request, exc)
 
     def _decode(self, decoding: list[Request]) -> None:
-        feeding = [r for r in decoding if r.decoder.pending() is not None]
-        if feeding:
-            rows = []
-            for r in feeding:
-                token, position = r.decoder.pending()
-                r.decoder.reserve()
-                rows.append(DecodeRow(token, position, r.pre.cache, r.pre.key_positions, r.decoder.fed))
-            try:
-                logits = self.engine.adapter.decode_rows(rows)
-            except Exception as exc:  # noqa: BLE001 - the batch's requests fail, the scheduler keeps serving
-                logger.exception("a batched decode step failed")
-                for r in feeding:
-                    self._end(r, exc)
-                return
-            self.batched_rows += len(rows)
-            for r, row_logits in zip(feeding, logits):
-                r.decoder.advance(row_logits)
+        """Feed every decoding request's pending token in one forward, then let each pick its next."""
+        rows = []
         for r in decoding:
+            token, position = r.decoder.pending()
+            r.decoder.reserve()
+            rows.append(DecodeRow(token, position, r.pre.cache, r.pre.key_positions, r.decoder.fed))
+        try:
+            logits = self.engine.adapter.decode_rows(rows)
+        except Exception as exc:  # noqa: BLE001 - the batch's requests fail, the scheduler keeps serving
+            logger.exception("a batched decode step failed")
+            for r in decoding:
+                self._end(r, exc)
+            return
+        self.batched_rows += len(rows)
+        self.widest = max(self.widest, len(rows))
+        for r, row_logits in zip(decoding, logits):
+            r.decoder.advance(row_logits)
             try:
                 self._pick(r)
             except Exception as exc:  # noqa: BLE001
@@ -243,6 +265,12 @@ class Scheduler:
         if request.ended:
             return
         request.ended = True
+        try:
+            self._release(request, error)
+        finally:
+            request.finished.set()
+
+    def _release(self, request: Request, error: BaseException | None) -> None:
         with self._lock:
             if request in self.running:
                 self.running.remove(request)
@@ -259,7 +287,11 @@ class Scheduler:
 
     def _completion(self, request: Request) -> Completion:
         plan, pre, decoder = request.plan, request.pre, request.decoder
-        written = self.engine.remember_prefix(plan, pre, decoder)
+        try:
+            written = self.engine.remember_prefix(plan, pre, decoder)
+        except Exception:  # noqa: BLE001 - a prefix-cache problem never loses the answer
+            logger.warning("could not keep the request's prefix states", exc_info=True)
+            written = 0
         total = time.perf_counter() - request.t0
         usage = Usage(len(plan.token_ids), pre.cached_tokens, pre.written_tokens + written,
                       len(decoder.token_ids), request.ttft or total, total, pre.modules_hit, pre.modules_written,

@@ -7,10 +7,10 @@ prompt does not stall every stream. Rather than turn each of the four ways insid
 runs in a thread of its own that only ever runs while the scheduler waits for it:
 
     scheduler thread   turn(64) ........wait........  decode step  turn(64) ..wait..  decode step
-    prefill thread     splice, chunk 1 (64 tokens) | paused ......... chunk 2 | paused ........
+    prefill thread     splice, 64 prompt tokens | paused ............ 64 more | paused ........
 
-`PrefillTurns.run(n)` lets the prefill go on until it reaches its next chunk (of at most `n`
-tokens) and returns once it paused there again or ended. Outside a turn-taking thread (a plain
+`PrefillTurns.run(n)` lets the prefill run chunks of `n` prompt tokens in all and returns once it
+paused before its next chunk, or ended. Outside a turn-taking thread (a plain
 `Engine.prefill` call) `chunk_size` is just the default chunk, and nothing waits.
 """
 
@@ -28,15 +28,16 @@ class RequestCancelled(Exception):
 
 def chunk_size(default: int) -> int:
     """Tokens the next prefill chunk may run: `default` unless this thread takes turns, in which
-    case it first waits for its turn (`PrefillTurns.run`)."""
+    case what is left of its turn (after waiting for the next turn when nothing is)."""
     turns: PrefillTurns | None = getattr(_LOCAL, "turns", None)
-    return default if turns is None else min(default, turns.wait())
+    return default if turns is None else turns.take(default)
 
 
 class PrefillTurns:
-    """Runs `fn` (a prefill) in its own thread, a chunk per `run` call.
+    """Runs `fn` (a prefill) in its own thread, a budget of prompt tokens per `run` call.
 
     Attributes:
+        spent: prompt tokens the last turn ran.
         result: what `fn` returned, once `done` and no `error`.
         error: what `fn` raised, if it did.
     """
@@ -44,17 +45,19 @@ class PrefillTurns:
     def __init__(self, fn: Callable[[], object], name: str = "promptcache-prefill"):
         self._fn = fn
         self._go, self._paused = threading.Semaphore(0), threading.Semaphore(0)
-        self._size, self._cancelled, self._first = 0, False, True
+        self._left, self._cancelled = 0, False
         self._thread = threading.Thread(target=self._main, name=name, daemon=True)
+        self.spent = 0
         self.result: object = None
         self.error: BaseException | None = None
         self.done = False
 
     def run(self, tokens: int) -> bool:
-        """Let the prefill run until its next chunk of at most `tokens` tokens is done; True once it ended."""
+        """Let the prefill run chunks of at most `tokens` prompt tokens in all, then pause before its next
+        chunk; True once it ended (`spent` says how many tokens the turn ran)."""
         if self.done:
             return True
-        self._size = tokens
+        self._left, self.spent = tokens, 0
         if not self._thread.is_alive() and not self._cancelled:
             self._thread.start()
         else:
@@ -73,17 +76,18 @@ class PrefillTurns:
         else:
             self.done = True
 
-    def wait(self) -> int:
-        """In the prefill's thread, before a chunk: pause until the next turn (not before the first chunk,
-        which runs in the turn that started the prefill); the chunk's token count."""
-        if self._first:
-            self._first = False
-            return self._size
-        self._paused.release()
-        self._go.acquire()
-        if self._cancelled:
-            raise RequestCancelled()
-        return self._size
+    def take(self, want: int) -> int:
+        """In the prefill's thread, before a chunk of up to `want` tokens: the tokens it may run now,
+        after pausing until the next turn when this turn's are spent."""
+        if self._left <= 0:
+            self._paused.release()
+            self._go.acquire()
+            if self._cancelled:
+                raise RequestCancelled()
+        n = min(want, self._left)
+        self._left -= n
+        self.spent += n
+        return n
 
     def _main(self) -> None:
         _LOCAL.turns = self
