@@ -248,7 +248,7 @@ class Engine:
         if plan.source == "prefix":
             with self.prefix.match(tokens.token_ids, plan.namespace) as match:
                 return self._after_prefix(plan, match, capacity)
-        if self.prefix is not None and recomputes_all(policy):
+        if self.prefix is not None and recomputes_all(policy, tokens, self.adapter):
             # the prompt's full prefill is asked for: an earlier one of the same text may be in the prefix tree
             with self.prefix.match(tokens.token_ids, plan.namespace) as match:
                 if match.length >= _spliced_end(tokens):
