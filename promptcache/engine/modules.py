@@ -16,7 +16,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from ..errors import PromptError
-from ..kv.disk import DiskStore, states_key
+from ..kv.disk import DiskStore, StatesShape, states_key
 from ..kv.states import KVStates
 from ..kv.store import ModuleStore
 from ..markup.check import check_schema
@@ -173,7 +173,9 @@ class ModuleRegistry:
         """States of `paths` found in the disk store (also put in the module store)."""
         found = {}
         for path in sorted(paths) if self.disk is not None else ():
-            states = self.disk.load(self._disk_key(version, path), device=self.adapter.device)
+            states = self.disk.load(self._disk_key(version, path), device=self.adapter.device,
+                                    expect=StatesShape(self.adapter.num_layers, *self.adapter.kv_geometry,
+                                                       self.adapter.dtype))
             if states is not None and not _matches(states, version.layout.modules[path]):
                 logger.warning("ignoring stored states of %s/%s: their tokens or positions are not the "
                                "module's", version.name, path)
