@@ -229,6 +229,8 @@ class FileStore:
 def store_secret(root: Path, argument: str = "store_dir") -> bytes:
     """The secret of the store at `root`: read from `<root>/.secret`, or made there (mode 0600) on first use.
 
+    Where none can be made (a read-only directory), a secret of this process only: every file is a miss.
+
     Raises:
         StoreError: the file is not a regular file of `SECRET_BYTES` bytes, or others than its owner
             may read or write it (chmod 600 it, or delete it: the store's files then become misses).
@@ -251,8 +253,9 @@ def store_secret(root: Path, argument: str = "store_dir") -> bytes:
         except FileExistsError:
             pass
         return _read_secret(path)
-    except OSError as e:
-        raise StoreError(f"cannot make the secret {path} of {argument}: {e}") from e
+    except OSError as e:  # a read-only directory: nothing can be written, and no file can be verified
+        logger.warning("cannot make the secret %s of %s (%s): every file there is a miss", path, argument, e)
+        return secrets.token_bytes(SECRET_BYTES)
     finally:
         Path(tmp).unlink(missing_ok=True)
 

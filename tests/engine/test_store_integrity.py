@@ -176,3 +176,16 @@ def test_temp_files_of_killed_writers_are_removed_on_open_and_live_ones_kept(tmp
             p.wait()
             p.stdin.close()
             p.stdout.close()
+
+
+def test_a_read_only_store_without_a_secret_still_serves(tmp_path, monkeypatch):
+    import errno
+    import tempfile
+
+    def read_only(*args, **kwargs):
+        raise OSError(errno.EROFS, "Read-only file system")
+
+    monkeypatch.setattr(tempfile, "mkstemp", read_only)
+    engine = stored_engine("llama", tmp_path)
+    torch.testing.assert_close(first_logits(engine), reference("llama"), rtol=1e-5, atol=1e-5)
+    assert engine.disk.write_failures > 0 and not (tmp_path / ".secret").exists()
