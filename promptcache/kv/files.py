@@ -242,8 +242,9 @@ def store_secret(root: Path, argument: str = "store_dir") -> bytes:
         pass
     except OSError as e:
         raise StoreError(f"cannot use the secret {path} of {argument}: {e}") from e
-    fd, tmp = tempfile.mkstemp(prefix=TMP_PREFIX + f"{os.getpid()}-", suffix=TMP_SUFFIX, dir=root)  # mode 0600
+    tmp = None
     try:
+        fd, tmp = tempfile.mkstemp(prefix=f"{TMP_PREFIX}{os.getpid()}-", suffix=TMP_SUFFIX, dir=root)  # mode 0600
         with os.fdopen(fd, "wb") as f:
             f.write(secrets.token_bytes(SECRET_BYTES))
             f.flush()
@@ -257,7 +258,8 @@ def store_secret(root: Path, argument: str = "store_dir") -> bytes:
         logger.warning("cannot make the secret %s of %s (%s): every file there is a miss", path, argument, e)
         return secrets.token_bytes(SECRET_BYTES)
     finally:
-        Path(tmp).unlink(missing_ok=True)
+        if tmp is not None:
+            Path(tmp).unlink(missing_ok=True)
 
 
 def _read_secret(path: Path) -> bytes:
