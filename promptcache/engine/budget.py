@@ -29,7 +29,7 @@ class ModuleBudget:
     """The byte budget of the added schemas' module states.
 
     Args:
-        budget_bytes: the most bytes the added schemas' cacheable modules may take together, in the
+        budget_bytes: the most bytes the added schemas' token states (`need`) may take together, in the
             model's KV dtype (None: unbounded).
         adapter: the model adapter (layers, key/value heads, head size, dtype: the bytes of one token).
     """
@@ -41,9 +41,13 @@ class ModuleBudget:
         self.token_bytes = 2 * adapter.num_layers * kv_heads * head_dim * adapter.dtype.itemsize
 
     def need(self, version) -> int:
-        """Bytes of `version`'s cacheable module states (a `modules.SchemaVersion`)."""
-        layout = version.layout
-        return self.token_bytes * sum(len(layout.modules[p].token_ids) for p in version.cacheable())
+        """What `version` (a `modules.SchemaVersion`) counts against the budget: the states of every token it
+        lays out (its passes: cached modules' and the rest's, which are encoded with them), at least one.
+
+        NOTE: the floor and the uncached tokens make the number of schemas bounded too: a schema of
+        cache="false" modules only, or of no text at all, still takes room (its layout, its name).
+        """
+        return self.token_bytes * max(1, sum(len(p.token_ids) for p in version.layout.passes))
 
     def check(self, version, added: Mapping[str, object]) -> None:
         """Refuse `version` if, with the `added` versions by name (its own name's replaced), it passes the budget.

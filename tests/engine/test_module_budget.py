@@ -60,3 +60,12 @@ def test_a_schema_larger_than_the_whole_budget_is_refused_before_encoding():
 def test_a_bad_budget_is_refused_by_name(bad):
     with pytest.raises(PromptError, match="module_budget_bytes"):
         make_engine("llama", module_budget_bytes=bad)
+
+
+def test_schemas_without_cached_modules_count_too():
+    one = schema_bytes("llama")
+    engine = make_engine("llama", module_budget_bytes=one)
+    engine.add_schema(SCHEMA.format(name="s0").replace('name="a"', 'name="a" cache="false"')
+                      .replace('name="b"', 'name="b" cache="false"'))
+    with pytest.raises(PromptError, match="module_budget_bytes"):
+        engine.add_schema('<schema name="empty"><module name="m" cache="false">x</module></schema>')
