@@ -137,9 +137,10 @@ WRITER = textwrap.dedent("""
         print("writing", flush=True)
         sys.stdin.read()
 
+    store = DiskStore(sys.argv[1])
     os.fsync = hang
     states = KVStates((1, 2), torch.arange(2), (torch.zeros(1, 1, 2, 4),), (torch.zeros(1, 1, 2, 4),))
-    DiskStore(sys.argv[1]).save(states_key(n=1), states)
+    store.save(states_key(n=1), states)
 """)
 
 
@@ -157,8 +158,9 @@ def test_temp_files_of_killed_writers_are_removed_on_open_and_live_ones_kept(tmp
         assert killed.stdout.readline() == b"writing\n" and live.stdout.readline() == b"writing\n"
         killed.send_signal(signal.SIGKILL)
         killed.wait()
-        (dead,) = [p for p in temp_files(tmp_path) if "live" not in p.parts]
+        (dead,) = [p for p in temp_files(tmp_path) if "live" not in p.parts]  # a states file's, in its shard
         (alive,) = temp_files(tmp_path / "live")
+        assert dead.parent.parent == tmp_path and dead.name.startswith(f".tmp-{killed.pid}-")
         old = time.time() - TEMP_GRACE_S - 5  # the crash was a while ago; the live writer is just slow
         for path in (dead, alive):
             os.utime(path, (old, old))
