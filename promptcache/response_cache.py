@@ -8,6 +8,7 @@ the randomness the caller asked for.
 
 from __future__ import annotations
 
+import hmac
 import json
 import logging
 import os
@@ -15,12 +16,12 @@ import time
 from collections.abc import Callable
 
 from promptcache.errors import PromptCacheError, StoreError
-from promptcache.kv.disk import sha256_json
+from promptcache.kv.disk import hmac_json
 from promptcache.kv.files import FileBacked, FileStore, check_key
 
 logger = logging.getLogger(__name__)
 
-VERSION = 2  # 2: entries carry a sha256
+VERSION = 3  # 2: entries carry a sha256; 3: an HMAC keyed by the cache's secret instead (`kv.files`)
 SUFFIX = ".json"
 
 
@@ -29,9 +30,10 @@ class ResponseCache(FileBacked):
 
     `path`, `delete`, `in`, `keys`, `nbytes`, `write_failures` and `read_failures` come from `FileBacked`.
 
-    An entry is `{"version", "key", "created", "payload", "sha256"}`, the hash over the canonical JSON of
-    the rest: a corrupt or hand-edited entry, one of another version or key, or one `created` in the
-    future (a clock set back, or an edit meant to make it immortal) is a miss, and its file is removed.
+    An entry is `{"version", "key", "created", "payload", "hmac"}`, an HMAC-SHA256 keyed by the cache's
+    secret (`kv.files.store_secret`) over the canonical JSON of the rest: a corrupt or hand-edited entry,
+    one of another version or key, or one `created` in the future (a clock set back, or an edit meant to
+    make it immortal) is a miss, and its file is removed.
     Only regular files are read (see `kv.files`). A failed `put` is logged and counted, never raised.
 
     Args:
@@ -58,7 +60,7 @@ class ResponseCache(FileBacked):
             return None
         with f:
             try:
-                payload, created = _unpack(json.loads(f.read().decode("utf-8")), key)
+                payload, created = _unpack(json.loads(f.read().decode("utf-8")), key, self.files.secret)
             except Exception as e:  # noqa: BLE001 - a bad file is a miss, never a crash
                 self.files.discard(key, f, f"corrupt response cache entry: {e}")
                 return None
@@ -84,7 +86,7 @@ class ResponseCache(FileBacked):
         check_key(key)
         record = {"version": VERSION, "key": key, "created": self._clock(), "payload": payload}
         try:
-            record["sha256"] = sha256_json(record)
+            record["hmac"] = hmac_json(self.files.secret, record)
             data = json.dumps(record, ensure_ascii=False, allow_nan=False).encode("utf-8")
         except (PromptCacheError, TypeError, ValueError) as e:  # UnicodeEncodeError is a ValueError
             self.files.write_failed(key, f"the payload is not JSON-serialisable: {e}")
@@ -92,11 +94,11 @@ class ResponseCache(FileBacked):
         return self.files.write(key, data)
 
 
-def _unpack(record: object, key: str) -> tuple[dict, float]:
+def _unpack(record: object, key: str, secret: bytes) -> tuple[dict, float]:
     if not isinstance(record, dict) or record.get("version") != VERSION or record.get("key") != key:
         raise StoreError("not a response cache record for this key")
-    digest = record.pop("sha256", None)
-    if digest != sha256_json(record):
+    digest = record.pop("hmac", None)
+    if not isinstance(digest, str) or not hmac.compare_digest(digest, hmac_json(secret, record)):
         raise StoreError("checksum mismatch")
     payload, created = record.get("payload"), record.get("created")
     if not isinstance(payload, dict) or isinstance(created, bool) or not isinstance(created, (int, float)):

@@ -25,19 +25,30 @@ import torch
 from transformers import (
     AutoModelForCausalLM,
     FalconConfig,
+    GlmConfig,
+    GPTNeoXConfig,
+    GraniteConfig,
     LlamaConfig,
     LlamaTokenizer,
     MistralConfig,
     MptConfig,
+    Olmo3Config,
+    Phi3Config,
     PreTrainedConfig,
     PreTrainedModel,
     PreTrainedTokenizerBase,
     Qwen2Config,
+    SmolLM3Config,
 )
 
 from promptcache.errors import PromptCacheError
 
 ARCHS: tuple[str, ...] = ("llama", "falcon", "mpt", "mistral", "qwen2")
+FIXED_POSITION_ARCHS: tuple[str, ...] = ("phi3", "granite", "smollm3", "gpt_neox", "olmo3", "glm")
+"""RoPE families whose stored keys promptcache cannot move (`models.relocate.key_mover` is None): recompute
+keeps the gaps a prompt leaves. Also built by `tiny_model`, for tests of that group."""
+_FIXED_POSITION_CONFIGS = {"phi3": Phi3Config, "granite": GraniteConfig, "smollm3": SmolLM3Config,
+                           "olmo3": Olmo3Config, "glm": GlmConfig}
 
 VOCAB_SIZE = 1000
 # The context window of tiny models: every shipped example in schemas/ fits with room to answer
@@ -138,8 +149,13 @@ def _config(arch: str, tok: PreTrainedTokenizerBase, hidden_size: int, num_layer
             d_model=hidden_size, n_layers=num_layers, n_heads=num_heads, max_seq_len=max_positions,
             expansion_ratio=4,
         )
+    elif arch == "gpt_neox":  # Pythia: partial rotary (a quarter of each head), parallel attention + MLP.
+        cfg = GPTNeoXConfig, dict(rope_family, intermediate_size=hidden_size * 4)
+    elif arch in _FIXED_POSITION_CONFIGS:  # grouped-query attention, RoPE (see FIXED_POSITION_ARCHS)
+        cfg = _FIXED_POSITION_CONFIGS[arch], dict(rope_family, num_key_value_heads=kv_heads)
     else:
-        raise PromptCacheError(f"unknown tiny architecture {arch!r}; expected one of {', '.join(ARCHS)}")
+        raise PromptCacheError(f"unknown tiny architecture {arch!r}; expected one of "
+                               f"{', '.join(ARCHS + FIXED_POSITION_ARCHS)}")
     config_class, kwargs = cfg
     return config_class(**{**common, **kwargs, **overrides})
 
@@ -165,7 +181,7 @@ def tiny_model(arch: str = "llama", *, seed: int = 0, hidden_size: int = 64, num
     init (std 0.02) under `seed`, without touching the caller's global RNG state.
 
     Args:
-        arch: one of `ARCHS`.
+        arch: one of `ARCHS` or `FIXED_POSITION_ARCHS`.
         seed: the same seed gives identical weights.
         hidden_size: model width.
         num_layers: decoder layers.
@@ -178,7 +194,7 @@ def tiny_model(arch: str = "llama", *, seed: int = 0, hidden_size: int = 64, num
         `(model, tokenizer)`.
 
     Raises:
-        PromptCacheError: `arch` is not one of `ARCHS`.
+        PromptCacheError: `arch` is not one of those.
     """
     tok = tiny_tokenizer()
     config = tiny_config(arch, tok, hidden_size=hidden_size, num_layers=num_layers, num_heads=num_heads,
@@ -199,7 +215,7 @@ def save_tiny(path: str | Path, arch: str = "llama", **kw: Any) -> Path:
 
     Args:
         path: target directory (created if missing).
-        arch: one of `ARCHS`.
+        arch: one of `ARCHS` or `FIXED_POSITION_ARCHS`.
         **kw: passed to `tiny_model`.
 
     Returns:

@@ -9,7 +9,7 @@ import os
 import pytest
 
 from promptcache.errors import StoreError
-from promptcache.kv.disk import sha256_json
+from promptcache.kv.disk import hmac_json, sha256_json
 from promptcache.response_cache import ResponseCache
 
 from .kv.helpers import fifo_released, finishes
@@ -39,8 +39,8 @@ def test_put_get_round_trip_and_atomic(tmp_path):
     assert cache.get(k) == payload
     cache.put(k, {"text": "replaced"})
     assert cache.get(k) == {"text": "replaced"}
-    files = [p.name for p in tmp_path.rglob("*")]
-    assert files == [k[:2], k + ".json"]  # no temp files left behind
+    files = sorted(p.name for p in tmp_path.rglob("*"))
+    assert files == sorted([".secret", k[:2], k + ".json"])  # no temp files left behind
     assert cache.delete(k) and not cache.delete(k) and cache.get(k) is None
 
 
@@ -99,7 +99,7 @@ def test_unserialisable_payload_is_not_stored_and_not_raised(tmp_path, payload, 
     cache = ResponseCache(tmp_path)
     assert cache.put(key(), payload) is False
     assert cache.write_failures == 1 and "not JSON-serialisable" in caplog.text
-    assert cache.get(key()) is None and list(tmp_path.iterdir()) == []
+    assert cache.get(key()) is None and [p.name for p in tmp_path.iterdir()] == [".secret"]
 
 
 def entry_path(cache: ResponseCache, k: str):
@@ -119,8 +119,10 @@ EDITS = {
     "created_older": lambda r: r.update(created=r["created"] - 10),
     "created_string": lambda r: r.update(created="1000"),
     "created_bool": lambda r: r.update(created=True),
-    "no_hash": lambda r: r.pop("sha256"),
-    "hash_type": lambda r: r.update(sha256=[1, 2]),
+    "no_hash": lambda r: r.pop("hmac"),
+    "hash_type": lambda r: r.update(hmac=[1, 2]),
+    "unkeyed_hash": lambda r: (r["payload"].update(text="a wrong answer"), r.pop("hmac"),
+                               r.update(hmac=sha256_json(r))),  # an edit with a hash anyone can compute
     "version": lambda r: r.update(version=1),
     "key": lambda r: r.update(key="0" * 64),
 }
@@ -143,10 +145,10 @@ def test_well_hashed_but_malformed_entry_is_a_miss(tmp_path, change):
     k = key()
     cache.put(k, {"text": "the answer"})
 
-    def forge(record):  # the edit, with its hash recomputed
+    def forge(record):  # the edit, with its hash recomputed by someone who can read the cache's secret
         change(record)
-        record.pop("sha256")
-        record["sha256"] = sha256_json(record)
+        record.pop("hmac")
+        record["hmac"] = hmac_json(cache.files.secret, record)
 
     edit(entry_path(cache, k), forge)
     assert cache.get(k) is None and cache.read_failures == 1

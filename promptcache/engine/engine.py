@@ -39,6 +39,7 @@ from ..models.adapter import adapter_for
 from ..models.load import resolve_device
 from ..response_cache import ResponseCache
 from . import checks
+from .budget import ModuleBudget
 from .decoder import Decoder
 from .generate import SamplingParams, eos_ids
 from .identity import FINGERPRINTS, engine_identity
@@ -65,6 +66,8 @@ class Engine:
         device: move the model there ("cpu", "cuda", ...); default: leave it where it is.
         chat_format: a builtin format name or a `ChatFormat`; default: derived from the tokenizer.
         device_budget_bytes / host_budget_bytes: module store budgets per tier (None: unbounded).
+        module_budget_bytes: the most bytes of module states the added schemas may need together; a schema
+            that would pass it is refused (`engine.budget`; None: unbounded).
         ttl_s: drop stored module states (and cached prefixes) idle for longer than this.
         store_dir: persist module states there (safetensors), keyed by everything they depend on.
         response_cache_dir: answer identical deterministic requests from disk (off by default).
@@ -110,11 +113,12 @@ class Engine:
                  pool_blocks: int | None = None, fingerprint: str = "full", progress: bool = True,
                  recompute: float | Recompute = DEFAULT_RECOMPUTE, param_filler: str = " ",
                  pad_arguments: bool = True, compile_decode: bool = False, int8_decode: bool = False,
-                 max_batch: int = DEFAULT_MAX_BATCH, kv_budget_bytes: int = DEFAULT_KV_BUDGET_BYTES,
-                 prefill_chunk: int = DEFAULT_PREFILL_CHUNK):
+                 module_budget_bytes: int | None = None, max_batch: int = DEFAULT_MAX_BATCH,
+                 kv_budget_bytes: int = DEFAULT_KV_BUDGET_BYTES, prefill_chunk: int = DEFAULT_PREFILL_CHUNK):
         ttl_s = checks.optional_seconds("ttl_s", ttl_s)
         prefix_budget_bytes = checks.optional_count("prefix_budget_bytes", prefix_budget_bytes)
         pool_blocks = checks.optional_count("pool_blocks", pool_blocks)
+        module_budget_bytes = checks.optional_count("module_budget_bytes", module_budget_bytes)
         store_dir = checks.optional_dir("store_dir", store_dir)
         response_cache_dir = checks.optional_dir("response_cache_dir", response_cache_dir)
         checks.flag("prefix_cache", prefix_cache)
@@ -147,6 +151,7 @@ class Engine:
         if not isinstance(param_filler, str) or not param_filler:
             raise PromptError(f"invalid param_filler={param_filler!r:.80}: must be non-empty text")
         self.modules.param_filler = param_filler
+        self.modules.budget = ModuleBudget(module_budget_bytes, self.adapter)
         self.pad_arguments = checks.flag("pad_arguments", pad_arguments)
         self.stop_ids = eos_ids(model, tokenizer)
         self._bos = leading_bos(tokenizer)  # prepended to plain prompts and chats
@@ -261,7 +266,7 @@ class Engine:
         if plan.source == "prefix":
             with self.prefix.match(tokens.token_ids, plan.namespace) as match:
                 return self._after_prefix(plan, match, capacity)
-        if self.prefix is not None and recomputes_all(policy):
+        if self.prefix is not None and recomputes_all(policy, tokens, self.adapter):
             # the prompt's full prefill is asked for: an earlier one of the same text may be in the prefix tree
             with self.prefix.match(tokens.token_ids, plan.namespace) as match:
                 if match.length >= _spliced_end(tokens):

@@ -16,13 +16,14 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from ..errors import PromptError
-from ..kv.disk import DiskStore, states_key
+from ..kv.disk import DiskStore, StatesShape, states_key
 from ..kv.states import KVStates
 from ..kv.store import ModuleStore
 from ..markup.check import check_schema
 from ..markup.layout import SchemaLayout, compile_schema
 from ..markup.nodes import Schema, Text
 from ..markup.parse import parse_schema
+from .budget import ModuleBudget
 from .encode import encode_schema
 from .identity import module_contexts
 
@@ -81,6 +82,7 @@ class ModuleRegistry:
         self.adapter, self.tokenizer, self.chat_format = adapter, tokenizer, chat_format
         self.store, self.disk, self.identity, self.progress = store, disk, identity, progress
         self.param_filler = " "  # text encoded in parameter slots (markup.layout.compile_schema)
+        self.budget: ModuleBudget | None = None  # the added schemas' module bytes (engine.budget)
         self.versions: dict[str, SchemaVersion] = {}
         self._staged: SchemaVersion | None = None  # the version add() is encoding, not yet published
         self.lock = threading.RLock()
@@ -103,6 +105,8 @@ class ModuleRegistry:
                               f"context window is {self.adapter.max_positions}")
         version = SchemaVersion.of(layout)
         with self.lock:
+            if self.budget is not None:
+                self.budget.check(version, self.versions)  # before encoding anything
             self._staged = version
             try:
                 self.checkout(version, sorted(p for p in version.cacheable() if version.key(p) not in self.store))
@@ -173,7 +177,9 @@ class ModuleRegistry:
         """States of `paths` found in the disk store (also put in the module store)."""
         found = {}
         for path in sorted(paths) if self.disk is not None else ():
-            states = self.disk.load(self._disk_key(version, path), device=self.adapter.device)
+            states = self.disk.load(self._disk_key(version, path), device=self.adapter.device,
+                                    expect=StatesShape(self.adapter.num_layers, *self.adapter.kv_geometry,
+                                                       self.adapter.dtype))
             if states is not None and not _matches(states, version.layout.modules[path]):
                 logger.warning("ignoring stored states of %s/%s: their tokens or positions are not the "
                                "module's", version.name, path)

@@ -45,6 +45,14 @@ Given `Recompute(fraction)`, a prompt's request runs in three steps (`Blend.pref
 its states in the prefix tree: a later full recompute of the same text up to its last module reads
 them there instead (`recomputes_all`), so exactness is paid once per text. Stored states are only
 read; the request's own cache block is where keys are rotated and states written.
+
+Two groups of models (`models.relocate.key_mover`):
+- keys move, gaps close: llama, mistral, mixtral, qwen2, qwen3, falcon (rotary), gemma, gemma2, olmo,
+  olmo2, starcoder2 (rotated), mpt (ALiBi). `fraction=1.0` is the full prefill of the prompt's text.
+- keys cannot move, gaps stay (every other RoPE family, e.g. phi3, granite, smollm3, gpt_neox, olmo3,
+  glm): `fraction=1.0` recomputes every stale token at the planned positions, gaps and all. That is the
+  full prefill of the text only when the prompt has no gap, and only then may a kept prefix stand in
+  for it: the answer never depends on what earlier requests left in the prefix tree.
 """
 
 from __future__ import annotations
@@ -128,10 +136,17 @@ def check_fraction(value: object) -> float:
     return float(value)
 
 
-def recomputes_all(policy: Recompute | None) -> bool:
-    """Whether `policy` recomputes every stale token with the gaps closed: a prompt's prefill is then
-    the full prefill of its text, so a prefix of it cached by an earlier request may stand in for it."""
-    return policy is not None and policy.fraction >= 1.0 and not callable(policy.rule) and policy.close_gaps
+def recomputes_all(policy: Recompute | None, tokens: PromptPlan, adapter) -> bool:
+    """Whether `policy`'s prefill of the prompt `tokens` is the full prefill of its text, so that a prefix
+    of it cached by an earlier request may stand in for it: every stale token recomputed, and every token
+    at its rank (gaps closed by moving keys, or no gaps to close).
+
+    NOTE: a model whose keys cannot move keeps the gaps: its prefill is not the full prefill of the text,
+    and a kept prefix must never stand in for it, or the answer would depend on earlier requests.
+    """
+    if policy is None or policy.fraction < 1.0 or callable(policy.rule) or not policy.close_gaps:
+        return False
+    return _mover(adapter.model) is not None or tokens.positions == tuple(range(len(tokens.positions)))
 
 
 def recompute_policy(value: object) -> Recompute | None:

@@ -2,23 +2,27 @@
 
 Layout: `<root>/<key[:2]>/<key>.safetensors` (see `kv.files`), tensors `k.{i}`, `v.{i}`
 ([1, kv_heads, seq, head_dim]), `positions` and `token_ids` ([seq] int64), metadata: format, version, key,
-layer count, the caller's meta (JSON) and a sha256 over all of these and every tensor byte.
+layer count, the caller's meta (JSON) and an HMAC-SHA256 over all of these and every tensor byte, keyed by
+the store's secret (`kv.files.store_secret`): whoever cannot read the secret cannot make a file pass.
 
 Loading reads the file into tensors this process owns (never a memory map: a file truncated or
 overwritten later, e.g. by `cp` over it, must not crash the process or change states already loaded)
-and verifies the checksum. A file that fails any check is deleted and reported as absent, so the
-caller simply re-encodes. A failed save (full disk, read-only directory) is logged, counted and
-reported as False; it never raises to the request being served.
+and verifies the checksum, every value finite and, when the caller says what it expects
+(`StatesShape`), the layer count, dtype and shapes. A file that fails any check is deleted and
+reported as absent, so the caller simply re-encodes. A failed save (full disk, read-only directory)
+is logged, counted and reported as False; it never raises to the request being served.
 """
 
 from __future__ import annotations
 
 import hashlib
+import hmac
 import json
 import logging
 import math
 import os
 from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import BinaryIO
 
 import torch
@@ -31,7 +35,7 @@ from promptcache.kv.states import KVStates
 logger = logging.getLogger(__name__)
 
 FORMAT = "promptcache.kv"
-VERSION = "2"  # 2: the checksum covers the header fields too
+VERSION = "3"  # 2: the checksum covers the header fields too; 3: it is keyed by the store's secret
 SUFFIX = ".safetensors"
 _HEADER_FIELDS = ("format", "version", "key", "num_layers", "meta")
 _MAX_HEADER = 100 << 20  # safetensors' own limit
@@ -39,7 +43,18 @@ _DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF
            "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
            "BOOL": torch.bool}
 
-__all__ = ["DiskStore", "check_key", "sha256_json", "states_key"]
+__all__ = ["DiskStore", "StatesShape", "check_key", "hmac_json", "sha256_json", "states_key"]
+
+
+@dataclass(frozen=True)
+class StatesShape:
+    """What a reader relies on: states of this many layers, keys and values [1, kv_heads, seq, head_dim]
+    of this dtype. A stored file of any other shape is a miss."""
+
+    num_layers: int
+    kv_heads: int
+    head_dim: int
+    dtype: torch.dtype
 
 
 def states_key(**parts: object) -> str:
@@ -65,6 +80,11 @@ def sha256_json(obj: object) -> str:
     except (TypeError, ValueError) as e:
         raise PromptCacheError(f"cannot build a stable key: {e}") from e
     return hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+
+def hmac_json(secret: bytes, obj: object) -> str:
+    """HMAC-SHA256 hex, keyed by `secret`, of the canonical JSON of `obj` (see `sha256_json`)."""
+    return hmac.new(secret, sha256_json(obj).encode(), hashlib.sha256).hexdigest()
 
 
 class DiskStore(FileBacked):
@@ -98,21 +118,23 @@ class DiskStore(FileBacked):
         tensors = _to_tensors(states)
         header = {"format": FORMAT, "version": VERSION, "key": key, "num_layers": str(states.num_layers),
                   "meta": json.dumps(meta, sort_keys=True)}
-        header["checksum"] = _checksum(tensors, header)
+        header["checksum"] = _checksum(tensors, header, self.files.secret)
         return self.files.write(key, safetensors_save(tensors, metadata=header))
 
-    def load(self, key: str, device: torch.device | str = "cpu") -> KVStates | None:
+    def load(self, key: str, device: torch.device | str = "cpu", expect: StatesShape | None = None,
+             ) -> KVStates | None:
         """The states saved under `key`, in memory this process owns, or None when absent or unreadable.
 
-        A corrupt file is deleted (logged, counted in `read_failures`); anything but a regular file at
-        the key's path is left alone and is a miss too.
+        A corrupt file (a bad checksum, a non-finite value, or states not of the `expect`ed shape) is
+        deleted (logged, counted in `read_failures`); anything but a regular file at the key's path is
+        left alone and is a miss too.
         """
         f = self.files.open(key)
         if f is None:
             return None
         with f:
             try:
-                states = _read(f, key)
+                states = _read(f, key, self.files.secret, expect)
             except Exception as e:  # noqa: BLE001 - any failure means "re-encode", never a crash
                 self.files.discard(key, f, f"corrupt KV file: {e}")
                 return None
@@ -141,8 +163,8 @@ def _to_tensors(states: KVStates) -> dict[str, torch.Tensor]:
     return tensors
 
 
-def _checksum(tensors: Mapping[str, torch.Tensor], header: Mapping[str, str]) -> str:
-    h = hashlib.sha256(sha256_json({k: header.get(k) for k in _HEADER_FIELDS}).encode())
+def _checksum(tensors: Mapping[str, torch.Tensor], header: Mapping[str, str], secret: bytes) -> str:
+    h = hmac.new(secret, sha256_json({k: header.get(k) for k in _HEADER_FIELDS}).encode(), hashlib.sha256)
     for name in sorted(tensors):
         t = tensors[name].contiguous()
         h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
@@ -151,7 +173,7 @@ def _checksum(tensors: Mapping[str, torch.Tensor], header: Mapping[str, str]) ->
     return h.hexdigest()
 
 
-def _read(f: BinaryIO, key: str) -> KVStates:
+def _read(f: BinaryIO, key: str, secret: bytes, expect: StatesShape | None) -> KVStates:
     """Parse and verify one file into owned tensors; raises (anything) on any mismatch."""
     header, entries, base = _read_header(f)
     if (header.get("format"), header.get("version")) != (FORMAT, VERSION):
@@ -164,8 +186,13 @@ def _read(f: BinaryIO, key: str) -> KVStates:
         raise StoreError(f"tensors {sorted(entries)} do not match {layers} layers")
     tensors = _read_tensors(f, entries, base)
     _check_shapes(tensors, layers)
-    if _checksum(tensors, header) != header.get("checksum"):
-        raise StoreError("checksum mismatch")
+    if not hmac.compare_digest(_checksum(tensors, header, secret), str(header.get("checksum"))):
+        raise StoreError("checksum mismatch (corrupt, edited, or written by another store)")
+    if expect is not None:
+        _check_expected(tensors, layers, expect)
+    for i in range(layers):
+        if not (torch.isfinite(tensors[f"k.{i}"]).all() and torch.isfinite(tensors[f"v.{i}"]).all()):
+            raise StoreError(f"layer {i} holds non-finite values")
     return KVStates(tuple(tensors["token_ids"].tolist()), tensors["positions"],
                     tuple(tensors[f"k.{i}"] for i in range(layers)),
                     tuple(tensors[f"v.{i}"] for i in range(layers)))
@@ -225,6 +252,16 @@ def _check_shapes(tensors: Mapping[str, torch.Tensor], layers: int) -> None:
         for t in (tensors[f"k.{i}"], tensors[f"v.{i}"]):
             if t.dim() != 4 or t.shape[0] != 1 or t.shape[2] != seq or t.dtype != first.dtype:
                 raise StoreError(f"layer {i} tensor has shape {tuple(t.shape)} / {t.dtype}")
+
+
+def _check_expected(tensors: Mapping[str, torch.Tensor], layers: int, expect: StatesShape) -> None:
+    if layers != expect.num_layers:
+        raise StoreError(f"{layers} layers, not {expect.num_layers}")
+    for i in range(layers):
+        for t in (tensors[f"k.{i}"], tensors[f"v.{i}"]):
+            if (t.shape[1], t.shape[3], t.dtype) != (expect.kv_heads, expect.head_dim, expect.dtype):
+                raise StoreError(f"layer {i} tensor has shape {tuple(t.shape)} / {t.dtype}, not "
+                                 f"[1, {expect.kv_heads}, seq, {expect.head_dim}] / {expect.dtype}")
 
 
 def _jsonable(value: object) -> object:

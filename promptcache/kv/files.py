@@ -12,6 +12,14 @@ What it promises:
   directory or symlink at a key's path is a miss (logged, counted in `read_failures`), never a hang
   or a crash. The caller reads the file into memory it owns; nothing stays mapped.
 - A file the caller finds corrupt is deleted (`discard`), unless it was replaced in the meantime.
+- Each store has a secret (`secret`, in `<root>/.secret`, mode 0600, made on first open) that keys the
+  checksums its callers write: a file edited by anyone who cannot read the secret fails its check.
+  Whoever can read the secret (the store's owner, root) can forge files that pass: the store trusts
+  them, and only them, with its contents. Write access to the directory alone lets one delete files,
+  which is a miss, never a wrong answer.
+- Temp files of writers that died mid-write (`kill -9`) are removed when the store is opened: those
+  whose writer pid no longer runs and that were not written for `TEMP_GRACE_S`, and any not written
+  for `TEMP_MAX_AGE_S`. A live writer's temp file is left alone.
 """
 
 from __future__ import annotations
@@ -19,9 +27,11 @@ from __future__ import annotations
 import logging
 import os
 import re
+import secrets
 import stat
 import tempfile
 import threading
+import time
 from pathlib import Path
 from typing import BinaryIO
 
@@ -31,6 +41,12 @@ logger = logging.getLogger(__name__)
 
 KEY_RE = re.compile(r"[0-9a-f]{16,64}")
 TMP_PREFIX = ".tmp-"
+TMP_SUFFIX = ".part"
+_TMP_RE = re.compile(re.escape(TMP_PREFIX) + r"(?:(\d+)-)?.*" + re.escape(TMP_SUFFIX))
+TEMP_GRACE_S = 60.0          # a dead writer's temp file idle this long is removed on open
+TEMP_MAX_AGE_S = 3600.0      # any temp file idle this long is removed on open (pid reused, other host)
+SECRET_NAME = ".secret"
+SECRET_BYTES = 32
 _MISSING = (FileNotFoundError, NotADirectoryError)
 
 
@@ -55,7 +71,7 @@ def atomic_write(path: Path, data: bytes) -> None:
         OSError: the directory cannot be created or written, the disk is full, ...
     """
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=TMP_PREFIX, suffix=".part", dir=path.parent)
+    fd, tmp = tempfile.mkstemp(prefix=f"{TMP_PREFIX}{os.getpid()}-", suffix=TMP_SUFFIX, dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data)
@@ -112,6 +128,8 @@ class FileStore:
         self._lock = threading.RLock()
         self.write_failures = 0
         self.read_failures = 0
+        self.secret = store_secret(self.root, argument)
+        remove_dead_temp_files(self.root)
 
     def path(self, key: str) -> Path:
         """Where `key`'s file lives (whether or not it exists)."""
@@ -206,6 +224,83 @@ class FileStore:
         with self._lock:
             self.read_failures += 1
         logger.warning(message, *args)
+
+
+def store_secret(root: Path, argument: str = "store_dir") -> bytes:
+    """The secret of the store at `root`: read from `<root>/.secret`, or made there (mode 0600) on first use.
+
+    Where none can be made (a read-only directory), a secret of this process only: every file is a miss.
+
+    Raises:
+        StoreError: the file is not a regular file of `SECRET_BYTES` bytes, or others than its owner
+            may read or write it (chmod 600 it, or delete it: the store's files then become misses).
+    """
+    path = root / SECRET_NAME
+    try:
+        return _read_secret(path)
+    except FileNotFoundError:
+        pass
+    except OSError as e:
+        raise StoreError(f"cannot use the secret {path} of {argument}: {e}") from e
+    tmp = None
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=f"{TMP_PREFIX}{os.getpid()}-", suffix=TMP_SUFFIX, dir=root)  # mode 0600
+        with os.fdopen(fd, "wb") as f:
+            f.write(secrets.token_bytes(SECRET_BYTES))
+            f.flush()
+            os.fsync(f.fileno())
+        try:
+            os.link(tmp, path)  # never replaces a secret another process made meanwhile
+        except FileExistsError:
+            pass
+        return _read_secret(path)
+    except OSError as e:  # a read-only directory: nothing can be written, and no file can be verified
+        logger.warning("cannot make the secret %s of %s (%s): every file there is a miss", path, argument, e)
+        return secrets.token_bytes(SECRET_BYTES)
+    finally:
+        if tmp is not None:
+            Path(tmp).unlink(missing_ok=True)
+
+
+def _read_secret(path: Path) -> bytes:
+    with open_regular(path) as f:
+        mode = os.fstat(f.fileno()).st_mode
+        if mode & 0o077:
+            raise OSError(f"its mode is {stat.filemode(mode)}: only its owner may read it (chmod 600)")
+        data = f.read(SECRET_BYTES + 1)
+    if len(data) != SECRET_BYTES:
+        raise OSError(f"it holds {len(data)} bytes, not {SECRET_BYTES}")
+    return data
+
+
+def remove_dead_temp_files(root: Path, now: float | None = None) -> int:
+    """Remove temp files under `root` left by writers that died (see the module docstring); how many went."""
+    now = time.time() if now is None else now
+    removed = 0
+    for path in [*root.glob(TMP_PREFIX + "*" + TMP_SUFFIX), *root.glob("??/" + TMP_PREFIX + "*" + TMP_SUFFIX)]:
+        match = _TMP_RE.fullmatch(path.name)
+        try:
+            st = os.lstat(path)
+            idle = now - st.st_mtime
+            dead = match is not None and match.group(1) is not None and not _running(int(match.group(1)))
+            if stat.S_ISREG(st.st_mode) and (idle > TEMP_MAX_AGE_S or (dead and idle > TEMP_GRACE_S)):
+                path.unlink()
+                removed += 1
+        except OSError:  # gone meanwhile, or not ours to remove
+            continue
+    if removed:
+        logger.info("removed %d temp files of dead writers from %s", removed, root)
+    return removed
+
+
+def _running(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OverflowError, ValueError):
+        return True  # someone else's process, or not a pid we can ask about: assume it writes
+    return True
 
 
 class FileBacked:

@@ -19,6 +19,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from ..engine.budget import SERVER_MODULE_BUDGET_BYTES
 from ..errors import PromptCacheError
 from ..markup.parse import is_pml
 from ..markup.xmlsafe import prolog_end
@@ -63,6 +64,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     e.add_argument("--store-dir", metavar="DIR", help="persist module states there across restarts")
     e.add_argument("--device-budget-bytes", type=int, help="module-store budget on the device (default: none)")
     e.add_argument("--host-budget-bytes", type=int, help="module-store budget in host memory (default: none)")
+    e.add_argument("--module-budget-bytes", type=module_budget, default=SERVER_MODULE_BUDGET_BYTES, metavar="N",
+                   help="bytes of module states all added schemas may need together; a schema past it is "
+                        f"refused (default: {SERVER_MODULE_BUDGET_BYTES >> 30} GiB; 'none': unbounded)")
     e.add_argument("--prefix-budget-bytes", type=int,
                    help="bytes of chat/prompt prefixes kept, LRU (default: the engine's, 1 GiB)")
     e.add_argument("--no-prefix-cache", action="store_true", help="do not reuse prefixes of plain prompts/chats")
@@ -77,6 +81,16 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="of a PML prompt's stale spliced tokens (skipped modules, another union member, "
                         "arguments), the fraction to recompute, 0..1 (default: the engine's, 0); a request's "
                         "\"recompute\" overrides it")
+
+
+def module_budget(text: str) -> int | None:
+    """`--module-budget-bytes`: a byte count >= 0, or "none"."""
+    if text.strip().lower() == "none":
+        return None
+    value = int(text)  # argparse reports a ValueError as an invalid value
+    if value < 0:
+        raise ValueError(text)
+    return value
 
 
 def config_from_args(args: argparse.Namespace, model: str) -> ServerConfig:
@@ -100,7 +114,7 @@ def engine_kwargs(args: argparse.Namespace) -> dict:
     kwargs = dict(store_dir=args.store_dir, device_budget_bytes=args.device_budget_bytes,
                   host_budget_bytes=args.host_budget_bytes, prefix_cache=not args.no_prefix_cache,
                   ttl_s=args.ttl_s, int8_decode=args.int8_decode, compile_decode=args.compile_decode,
-                  progress=False)
+                  module_budget_bytes=args.module_budget_bytes, progress=False)
     if args.prefix_budget_bytes is not None:  # else the engine's default bound
         kwargs["prefix_budget_bytes"] = args.prefix_budget_bytes
     if args.recompute is not None:  # else the engine's default

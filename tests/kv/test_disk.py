@@ -323,7 +323,7 @@ def test_a_file_replaced_while_being_read_is_not_deleted(tmp_path, monkeypatch):
     store.save(KEY, make_states(seed=1))
     good = make_states(seed=2)
 
-    def read_then_replaced(f, key):
+    def read_then_replaced(f, key, *checks):
         DiskStore(tmp_path).save(key, good)  # another writer renames a good file over the one being read
         raise StoreError("corrupt as read")
 

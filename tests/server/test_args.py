@@ -37,3 +37,14 @@ def test_recompute_is_the_engines_default_unless_given_and_must_be_a_fraction():
     for bad in ("1.5", "-0.1", "nan"):
         with pytest.raises(PromptCacheError, match=r"--recompute must be a fraction in \[0, 1\]"):
             engine_kwargs(parse("--recompute", bad))
+
+
+def test_the_server_bounds_the_module_budget_unless_told_otherwise():
+    from promptcache.engine.budget import SERVER_MODULE_BUDGET_BYTES
+
+    assert engine_kwargs(parse())["module_budget_bytes"] == SERVER_MODULE_BUDGET_BYTES > 0
+    assert engine_kwargs(parse("--module-budget-bytes", "1024"))["module_budget_bytes"] == 1024
+    assert engine_kwargs(parse("--module-budget-bytes", "none"))["module_budget_bytes"] is None
+    for bad in ("-1", "1GB"):
+        with pytest.raises(SystemExit):
+            parse("--module-budget-bytes", bad)
