@@ -49,7 +49,7 @@ def __getattr__(name: str):
 
 __all__ = [
     "BUILTIN_FORMATS", "ChatFormat", "Chunk", "Completion", "Engine", "Module", "Param", "Prompt",
-    "PromptCacheError", "PromptError", "Recompute", "RoleBlock", "SamplingParams", "Scheduler", "Schema", "SchemaBuilder",
-    "SchemaError", "Selection", "StoreError", "Text", "Union", "Usage", "make_prompt", "parse_prompt", "parse_schema",
-    "prompt_to_xml", "schema_to_xml", "select", "testing",
+    "PromptCacheError", "PromptError", "Recompute", "RoleBlock", "SamplingParams", "Scheduler", "Schema",
+    "SchemaBuilder", "SchemaError", "Selection", "StoreError", "Text", "Union", "Usage", "make_prompt",
+    "parse_prompt", "parse_schema", "prompt_to_xml", "schema_to_xml", "select", "testing",
 ]

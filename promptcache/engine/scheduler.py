@@ -1,9 +1,9 @@
 """`Scheduler`: continuous batching. Every running request advances in one forward per step.
 
 Requests are admitted between steps. A step gives prefilling requests turns (chunks of their
-prompts, first come first served, `engine.turns`) within a budget of prompt tokens, then feeds the pending token of every decoding request in one batched
-forward (`models.batched`), and lets each pick its next token under its own sampling parameters,
-stop strings and budget:
+prompts, first come first served, `engine.turns`) within a budget of prompt tokens, then feeds the
+pending token of every decoding request in one batched forward (`models.batched`), and lets each
+pick its next token under its own sampling parameters, stop strings and budget:
 
     step      admit | prefill turns (a budget of prompt tokens) | batched decode (all decoding rows)
     request   waiting -> prefilling (turns) -> decoding (one token per step) -> done
