@@ -120,6 +120,32 @@ class RequestCache(Cache):
     def nbytes(self) -> int:
         return self.block.numel() * self.block.element_size()
 
+    def write(self, layer: int, at: int, keys: torch.Tensor, values: torch.Tensor) -> None:
+        """Put states [batch, kv_heads, n, head_dim] into slots at..at+n-1 of `layer` (filled counts unchanged:
+        `fill_to` sets them once every layer is written)."""
+        la = self.layers[layer]
+        assert at + keys.shape[-2] <= la.k_buf.shape[-2], "request cache overflow: reserve first"
+        la.k_buf[:, :, at:at + keys.shape[-2]].copy_(keys)
+        la.v_buf[:, :, at:at + values.shape[-2]].copy_(values)
+
+    def read(self, layer: int, slots: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Copies of the keys and values in `slots` (filled or not) of `layer`: [batch, kv_heads, len(slots), d]."""
+        la = self.layers[layer]
+        return la.k_buf[:, :, slots], la.v_buf[:, :, slots]
+
+    def fill_to(self, n: int) -> None:
+        """Every layer holds its first `n` slots from now on (later ones are free to overwrite)."""
+        assert n <= self.capacity, f"request cache overflow: {n} slots, capacity {self.capacity}"
+        for layer in self.layers:
+            layer.length = n
+
+    def append(self, states: torch.Tensor) -> None:
+        """Append states [2, layers, batch, kv_heads, n, head_dim] (keys, values) after the filled slots."""
+        at, n = self.length, states.shape[-2]
+        assert at + n <= self.capacity, f"request cache overflow: {at + n} slots, capacity {self.capacity}"
+        self.block[..., at:at + n, :].copy_(states)
+        self.fill_to(at + n)
+
     def reserve(self, slots: int) -> None:
         """Make room for `slots` slots in all: a bigger block (from the pool) when the block is full, with
         the filled slots copied over; the old block goes back to the pool."""
