@@ -26,10 +26,12 @@ that runs steps while there is work and exits when idle). Tests may build a `Sch
 
 from __future__ import annotations
 
+import atexit
 import logging
 import queue
 import threading
 import time
+import weakref
 from collections import deque
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -51,6 +53,7 @@ DEFAULT_MAX_BATCH = 16
 DEFAULT_KV_BUDGET_BYTES = 4 << 30
 DEFAULT_PREFILL_CHUNK = 64  # prompt tokens per step while other requests decode (measured: README, "Batching")
 IDLE_EXIT_S = 2.0  # the background thread exits after this long without work (a new request starts it)
+_LIVE: weakref.WeakSet[Scheduler] = weakref.WeakSet()  # schedulers whose thread may run (stopped at exit)
 
 
 @dataclass(eq=False)
@@ -122,6 +125,7 @@ class Scheduler:
         self.running: list[Request] = []
         self._lock = threading.Condition()
         self._thread: threading.Thread | None = None
+        self._stopping = False
         self.steps = self.batched_rows = self.widest = 0  # counters: steps, decode rows fed, most rows in a step
 
     # ---- submitting ------------------------------------------------------------------------
@@ -156,6 +160,7 @@ class Scheduler:
             if self.background and (self._thread is None or not self._thread.is_alive()):
                 self._thread = threading.Thread(target=self._loop, name="promptcache-scheduler", daemon=True)
                 self._thread.start()
+                _LIVE.add(self)
             self._lock.notify()
         return request
 
@@ -300,17 +305,33 @@ class Scheduler:
 
     # ---- the background thread -------------------------------------------------------------
 
+    def stop(self, timeout: float = 10.0) -> None:
+        """Let the background thread finish its step and exit (at interpreter exit: a thread still in
+        torch code while the process tears down aborts it)."""
+        with self._lock:
+            self._stopping = True
+            self._lock.notify_all()
+            thread = self._thread
+        if thread is not None and thread is not threading.current_thread():
+            thread.join(timeout)
+
     def _loop(self) -> None:
         while True:
             with self._lock:
-                if not (self.waiting or self.running):
+                if not (self.waiting or self.running) and not self._stopping:
                     self._lock.wait(IDLE_EXIT_S)
-                    if not (self.waiting or self.running):
-                        self._thread = None
-                        return
+                if self._stopping or not (self.waiting or self.running):
+                    self._thread = None
+                    return
             try:
                 self.step()
             except Exception:  # noqa: BLE001 - never leave requests hanging
                 logger.exception("a scheduler step failed; failing its running requests")
                 for request in list(self.running):
                     self._end(request, PromptError("the request failed inside the scheduler (see the log)"))
+
+
+@atexit.register
+def _stop_all() -> None:
+    for scheduler in list(_LIVE):
+        scheduler.stop()
