@@ -42,7 +42,7 @@ from . import checks
 from .decoder import Decoder
 from .generate import SamplingParams, eos_ids
 from .identity import FINGERPRINTS, engine_identity
-from .modules import ModuleRegistry
+from .modules import ModuleRegistry, SchemaAdded
 from .plain import plain_plan
 from .prefill import CacheSpec, Prefill, prefill_full, prefill_modules, prefill_prefix
 from .recompute import DEFAULT_RECOMPUTE, Recompute, plan_blend, recompute_policy, recomputes_all
@@ -173,6 +173,11 @@ class Engine:
         keep the version they were bound to; unchanged modules keep their states and pins.
         """
         return self.modules.add(schema, base_dir)
+
+    def schema_added(self, name: str) -> SchemaAdded:
+        """What the last `add_schema` of `name` did: modules loaded from the disk store or encoded, and the time."""
+        self.modules.current(name)  # PromptError naming the added schemas
+        return self.modules.added[name]
 
     def remove_schema(self, name: str) -> None:
         """Forget a schema; its modules' states leave memory (a disk store keeps its files)."""
