@@ -25,6 +25,21 @@ def cli(*args: str) -> subprocess.CompletedProcess:
                           text=True, timeout=600, env=env)
 
 
+@pytest.fixture
+def cli_main(capsys, monkeypatch):
+    """`promptcache` in this process (no second torch import: seconds, tens on a busy CPU), like `cli`."""
+    import torch
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+
+    def run(*args: str) -> subprocess.CompletedProcess:
+        code = main([*args, "--threads", str(torch.get_num_threads())])
+        out = capsys.readouterr()
+        return subprocess.CompletedProcess(["promptcache", *args], code, out.out, out.err)
+
+    return run
+
+
 @pytest.mark.parametrize("command", [[], ["validate"], ["run"], ["layout"]],
                          ids=lambda c: " ".join(c) or "top")
 def test_help(command):
@@ -71,32 +86,32 @@ def test_run_json():
 
 
 @pytest.mark.parametrize("arch", ["falcon", "mpt"])
-def test_run_streams_then_prints_usage(arch):
-    out = cli("run", *PERSONA, "--tiny", arch, "--max-new-tokens", "4", "--no-cache", "--seed", "0",
+def test_run_streams_then_prints_usage(arch, cli_main):
+    out = cli_main("run", *PERSONA, "--tiny", arch, "--max-new-tokens", "4", "--no-cache", "--seed", "0",
               "--temperature", "0.8", "--top-p", "0.9", "--top-k", "20")
     assert out.returncode == 0, out.stderr
     assert re.search(r"TTFT \d+ ms; input \d+ tokens \(0 cached\)", out.stdout), out.stdout
 
 
-def test_run_plain_text_prompt():
-    out = cli("run", "--schema", str(SCHEMAS / "codegen.xml"), "--prompt", "What does store.py do?",
+def test_run_plain_text_prompt(cli_main):
+    out = cli_main("run", "--schema", str(SCHEMAS / "codegen.xml"), "--prompt", "What does store.py do?",
               "--tiny", "llama", "--max-new-tokens", "2", "--json")
     assert out.returncode == 0, out.stderr
     usage = json.loads(out.stdout)["usage"]
     assert usage["cached_tokens"] > 1000   # every file of the package was spliced in
 
 
-def test_run_unknown_module_is_a_user_error(tmp_path):
+def test_run_unknown_module_is_a_user_error(tmp_path, cli_main):
     prompt = tmp_path / "p.xml"
     prompt.write_text('<prompt schema="persona"><no_such_module/>hi</prompt>')
-    out = cli("run", "--schema", str(SCHEMAS / "persona.xml"), "--prompt", str(prompt), "--tiny", "llama")
+    out = cli_main("run", "--schema", str(SCHEMAS / "persona.xml"), "--prompt", str(prompt), "--tiny", "llama")
     assert out.returncode == 2
     assert "no_such_module" in out.stderr
     assert "Traceback" not in out.stderr
 
 
-def test_layout_lists_modules_with_positions():
-    out = cli("layout", "--schema", str(SCHEMAS / "travel.xml"), "--model", "tiny")
+def test_layout_lists_modules_with_positions(cli_main):
+    out = cli_main("layout", "--schema", str(SCHEMAS / "travel.xml"), "--model", "tiny")
     assert out.returncode == 0, out.stderr
     assert "NOTE: a random-weight test model's tokenizer" in out.stdout  # never quietly
     lines = out.stdout.splitlines()
@@ -112,18 +127,18 @@ def test_layout_lists_modules_with_positions():
     (["--model", "tiny", "--dtype", "half"], "unknown dtype 'half'; valid: auto, float32"),
     (["--model", "missing.gguf"], "cannot load model 'missing.gguf': no such file or directory"),
 ])
-def test_run_model_errors_are_one_line(args, message):
-    out = cli("run", *PERSONA, *args)
+def test_run_model_errors_are_one_line(args, message, cli_main):
+    out = cli_main("run", *PERSONA, *args)
     assert out.returncode == 2
     assert message in out.stderr and "Traceback" not in out.stderr
 
 
-def test_layout_with_the_real_model_uses_its_tokenizer_and_template(smollm2):
+def test_layout_with_the_real_model_uses_its_tokenizer_and_template(smollm2, cli_main):
     from promptcache.markup.chat import chat_format_for
     from promptcache.markup.layout import compile_schema
     from promptcache.markup.parse import parse_schema
 
-    out = cli("layout", "--schema", str(SCHEMAS / "codegen.xml"))  # the default model: not the tiny one
+    out = cli_main("layout", "--schema", str(SCHEMAS / "codegen.xml"))  # the default model: not the tiny one
     assert out.returncode == 0, out.stderr
     chat = chat_format_for(smollm2.tokenizer, smollm2.model.config)
     layout = compile_schema(parse_schema(SCHEMAS / "codegen.xml"), smollm2.tokenizer, chat)
@@ -205,19 +220,19 @@ def test_run_defaults_to_the_demos_model_and_the_store_under_the_cache_dir(promp
     assert store_dir_of(build_parser().parse_args(["run", "--schema", "s", "--prompt", "p", "--no-store"])) is None
 
 
-def test_a_misspelt_model_name_suggests_the_built_in_one():
-    out = cli("run", *PERSONA, "--model", "smollm2-135m")
+def test_a_misspelt_model_name_suggests_the_built_in_one(cli_main):
+    out = cli_main("run", *PERSONA, "--model", "smollm2-135m")
     assert out.returncode == 2 and "Traceback" not in out.stderr
     assert "cannot load model 'smollm2-135m'" in out.stderr
     assert "did you mean 'smollm2-135m-instruct'?" in out.stderr
 
 
-def test_run_a_second_time_encodes_nothing(tmp_path):
+def test_run_a_second_time_encodes_nothing(tmp_path, cli_main):
     store = ["--store-dir", str(tmp_path / "store"), "--tiny", "llama", "--max-new-tokens", "2", "--json"]
-    first = cli("run", *PERSONA, *store)
+    first = cli_main("run", *PERSONA, *store)
     assert first.returncode == 0, first.stderr
     assert re.search(r"encoded \d+ module\(s\) in [\d.]+ s; stored in ", first.stderr), first.stderr
-    second = cli("run", *PERSONA, *store)
+    second = cli_main("run", *PERSONA, *store)  # a new engine: what it has is in the store
     assert second.returncode == 0, second.stderr
     assert re.search(r"nothing encoded, \d+ module\(s\) loaded from the store .* [\d.]+ s saved", second.stderr)
     assert json.loads(second.stdout)["text"] == json.loads(first.stdout)["text"]

@@ -129,3 +129,15 @@ def test_the_answer_memory_keeps_only_ids_that_spell_the_text():
     memory.remember("", "a", tok.encode("a", add_special_tokens=False))
     memory.remember("", "b", tok.encode("b", add_special_tokens=False))
     assert memory.get("", "Hello there") is None and len(memory) == 2  # least recently used dropped
+
+
+def test_a_conversation_reads_its_answers_even_when_the_engine_forgot_them():
+    from promptcache.engine.answers import AnswerMemory
+
+    engine = make_engine("qwen2")
+    engine.answers = AnswerMemory(engine.tokenizer, max_entries=1)  # room for one answer only
+    a, b = engine.chat(), engine.chat()
+    first = a.send("Plan a trip.", max_new_tokens=N)
+    b.send("Something else entirely.", max_new_tokens=N)  # pushes a's answer out of the engine's memory
+    second = a.send("Why?", max_new_tokens=N)
+    assert second.usage.cached_tokens >= first.usage.input_tokens + first.usage.output_tokens - 1
