@@ -39,11 +39,12 @@ from ..models.adapter import adapter_for
 from ..models.load import resolve_device
 from ..response_cache import ResponseCache
 from . import checks
+from .answers import AnswerMemory
 from .budget import ModuleBudget
 from .decoder import Decoder
 from .generate import SamplingParams, eos_ids
 from .identity import FINGERPRINTS, engine_identity
-from .modules import ModuleRegistry
+from .modules import ModuleRegistry, SchemaAdded
 from .plain import plain_plan
 from .prefill import CacheSpec, Prefill, prefill_full, prefill_modules, prefill_prefix
 from .recompute import DEFAULT_RECOMPUTE, Recompute, plan_blend, recompute_policy, recomputes_all
@@ -149,6 +150,7 @@ class Engine:
         self.prefix = PrefixTree(prefix_budget_bytes, ttl_s) if prefix_cache else None
         self.responses = ResponseCache(response_cache_dir, ttl_s) if response_cache_dir is not None else None
         self._identity = None
+        self.answers = AnswerMemory(tokenizer)  # a chat answer's generated ids, for the next turn's prefix match
 
     @property
     def identity(self) -> dict[str, str]:
@@ -179,6 +181,11 @@ class Engine:
         keep the version they were bound to; unchanged modules keep their states and pins.
         """
         return self.modules.add(schema, base_dir)
+
+    def schema_added(self, name: str) -> SchemaAdded:
+        """What the last `add_schema` of `name` did: modules loaded from the disk store or encoded, and the time."""
+        self.modules.current(name)  # PromptError naming the added schemas
+        return self.modules.added[name]
 
     def remove_schema(self, name: str) -> None:
         """Forget a schema; its modules' states leave memory (a disk store keeps its files)."""
@@ -232,7 +239,8 @@ class Engine:
         elif isinstance(prompt, str) or (isinstance(prompt, Sequence) and not isinstance(prompt, bytes)):
             checks.prompt_texts(prompt)
             version = None
-            tokens = plain_plan(prompt, self.tokenizer, self.chat_format, self._bos)
+            tokens = plain_plan(prompt, self.tokenizer, self.chat_format, self._bos,
+                                answers=functools.partial(self.answers.get, namespace))
             source = "prefix" if enable_cache and self.prefix is not None else "none"
         else:
             raise PromptError(f"prompt must be PML text, a Prompt, plain text or a list of chat messages, "
@@ -359,6 +367,8 @@ class Engine:
                       ttft or total, total, pre.modules_hit, pre.modules_written,
                       recomputed_tokens=pre.recomputed_tokens)
         out = Completion(decoder.text, tuple(decoder.token_ids), usage, decoder.finish_reason)
+        if plan.schema is None and not isinstance(prompt, str):  # a chat: its next turn will send this text
+            self.answers.remember(namespace, out.text, out.token_ids)
         if rkey is not None:
             self.responses.put(rkey, {"text": out.text, "token_ids": list(out.token_ids),
                                       "finish_reason": out.finish_reason, "usage": usage.to_dict()})

@@ -12,8 +12,9 @@ from __future__ import annotations
 import logging
 import os
 import threading
+import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from ..errors import PromptError
 from ..kv.disk import DiskStore, StatesShape, states_key
@@ -37,6 +38,28 @@ class Checkout:
     states: list[KVStates]
     written: tuple[str, ...]  # modules this request (re-)encoded
     written_tokens: int
+
+
+@dataclass(frozen=True)
+class SchemaAdded:
+    """What adding a schema did: which modules came from the disk store, which were encoded, and the time.
+
+    Attributes:
+        name: the schema.
+        loaded: modules whose states were read from the disk store.
+        encoded: modules encoded by this add.
+        seconds: the whole add (parse, compile, load, encode).
+        encode_s: of which encoding.
+        stored_encode_s: what encoding the loaded modules took when they were stored (their files
+            record it; 0 for files written before it was recorded): the time the store saved.
+    """
+
+    name: str
+    loaded: tuple[str, ...]
+    encoded: tuple[str, ...]
+    seconds: float
+    encode_s: float
+    stored_encode_s: float
 
 
 @dataclass(frozen=True, eq=False)
@@ -85,6 +108,8 @@ class ModuleRegistry:
         self.budget: ModuleBudget | None = None  # the added schemas' module bytes (engine.budget)
         self.versions: dict[str, SchemaVersion] = {}
         self._staged: SchemaVersion | None = None  # the version add() is encoding, not yet published
+        self.added: dict[str, SchemaAdded] = {}  # per schema, what its last add did
+        self._tally: _Tally | None = None  # what the add in progress loaded and encoded
         self.lock = threading.RLock()
 
     # ---- schemas ---------------------------------------------------------------------------
@@ -94,6 +119,7 @@ class ModuleRegistry:
 
         Atomic: when loading or encoding fails, the previous version stays current, untouched.
         """
+        start = time.perf_counter()
         if isinstance(schema, Schema):
             check_schema(schema)  # the same rules, in the same words, as PML text gets
         else:
@@ -108,10 +134,15 @@ class ModuleRegistry:
             if self.budget is not None:
                 self.budget.check(version, self.versions)  # before encoding anything
             self._staged = version
+            self._tally = _Tally()
             try:
                 self.checkout(version, sorted(p for p in version.cacheable() if version.key(p) not in self.store))
             finally:
-                self._staged = None
+                self._staged, tally = None, self._tally
+                self._tally = None
+            self.added[layout.name] = SchemaAdded(layout.name, tuple(tally.loaded), tuple(tally.encoded),
+                                                  time.perf_counter() - start, tally.encode_s,
+                                                  tally.stored_encode_s)
             old = self.versions.get(layout.name)
             self.versions[layout.name] = version
             if old is not None:
@@ -185,6 +216,9 @@ class ModuleRegistry:
                                "module's", version.name, path)
                 states = None
             if states is not None:
+                if version is self._staged:
+                    self._tally.loaded.append(path)
+                    self._tally.stored_encode_s += _recorded_seconds(self.disk.meta(self._disk_key(version, path)))
                 if self._live(version):  # NOTE: a small budget may evict it from the store right away
                     self.store.put(version.key(path), states)
                 found[path] = states
@@ -196,13 +230,20 @@ class ModuleRegistry:
         everything = version.cacheable()
         if version is not self._staged:
             logger.info("re-encoding evicted modules of %s: %s", version.name, sorted(want))
+        start = time.perf_counter()
         states = encode_schema(self.adapter, version.layout, None if want == everything else want,
                                progress=self.progress)
+        seconds = time.perf_counter() - start
+        total = sum(len(st) for st in states.values()) or 1
+        if version is self._staged:
+            self._tally.encoded.extend(sorted(states))
+            self._tally.encode_s += seconds
         if self._live(version):
             for path, st in states.items():
                 self.store.put(version.key(path), st)
-                if self.disk is not None:
-                    self.disk.save(self._disk_key(version, path), st, {"schema": version.name, "module": path})
+                if self.disk is not None:  # each module's share of the encode time: what loading it saves
+                    meta = {"schema": version.name, "module": path, "encode_s": f"{seconds * len(st) / total:.4f}"}
+                    self.disk.save(self._disk_key(version, path), st, meta)
         return states
 
     # ---- pins and inspection ---------------------------------------------------------------
@@ -224,6 +265,25 @@ class ModuleRegistry:
     def tier(self, schema: str, module: str) -> str | None:
         """"device", "host", or None when the module's states are not in memory."""
         return self.store.tier_of(self.cached_module(schema, module).key(module))
+
+
+@dataclass
+class _Tally:
+    """What the add in progress loaded and encoded (`SchemaAdded`'s fields)."""
+
+    loaded: list[str] = field(default_factory=list)
+    encoded: list[str] = field(default_factory=list)
+    encode_s: float = 0.0
+    stored_encode_s: float = 0.0
+
+
+def _recorded_seconds(meta: dict[str, str] | None) -> float:
+    """The encode time a stored module's file records (0 when it records none, or nonsense)."""
+    try:
+        seconds = float((meta or {}).get("encode_s", 0.0))
+    except (TypeError, ValueError):
+        return 0.0
+    return seconds if 0.0 <= seconds < 1e7 else 0.0
 
 
 def _matches(states: KVStates, module) -> bool:

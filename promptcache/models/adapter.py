@@ -300,3 +300,8 @@ def adapter_for(model) -> Adapter:
         raise PromptCacheError(f"model type '{cfg.model_type}' uses ALiBi through a path promptcache "
                                "does not adapt; supported: RoPE decoders (llama, mistral, qwen2, falcon, ...) and mpt")
     return Adapter(model)
+
+
+def config_max_positions(cfg) -> int:
+    """The context window a model config declares (what `Adapter.max_positions` holds), without the model."""
+    return _max_positions(cfg)

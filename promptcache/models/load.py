@@ -30,6 +30,7 @@ import torch
 from ..errors import PromptCacheError, PromptError
 from ..testing import ARCHS
 from .convert import ensure_converted
+from .names import did_you_mean
 
 logger = logging.getLogger(__name__)
 
@@ -264,13 +265,14 @@ def _kind(name: str, given: str | os.PathLike) -> Kind:
     if path.is_file():
         if path.suffix.lower() != ".gguf":
             raise PromptError(f"cannot load model '{name}': a file, but not a .gguf file; expected a .gguf file, "
-                              f"a checkpoint directory, a hub id or a built-in name ({names})")
+                              f"a checkpoint directory, a hub id or a built-in name ({names}){did_you_mean(name)}")
         return "gguf"
     if path.is_dir():
         return "directory"
     if not isinstance(given, str) or _looks_like_path(name):
         raise PromptError(f"cannot load model '{name}': no such file or directory; expected a checkpoint "
-                          f"directory, a .gguf file, a hub id such as 'owner/name', or a built-in name ({names})")
+                          f"directory, a .gguf file, a hub id such as 'owner/name', or a built-in name ({names})"
+                          f"{did_you_mean(name)}")
     return "hub"
 
 
@@ -324,6 +326,11 @@ def _from_hub(repo_id: str, reader):
     except PromptError as e:
         cached_error = e
     tried = f"cannot load model '{repo_id}': not a local file or directory, not in the local Hugging Face cache"
+    hint = did_you_mean(repo_id)
+    if hint and "/" not in repo_id:  # a misspelt built-in name: say so now, without asking the hub
+        names = ", ".join([*BUILTIN_MODELS, *TINY_MODELS])
+        raise PromptError(f"{tried}, and not a built-in name ({names}){hint}") from cached_error
+    tried += hint
     if constants.is_offline_mode():
         raise PromptError(f"{tried}, and HF_HUB_OFFLINE is set") from cached_error
     _check_hub(repo_id, tried)

@@ -39,3 +39,10 @@ class ServerConfig:
     shutdown_grace_s: float = 30.0
     io_timeout_s: float = 120.0
     max_connections: int = 256
+
+
+def default_store_dir() -> Path:
+    """Where `serve` persists module states unless `--store-dir` or `--no-store`: modules/ in the cache directory."""
+    from ..models.convert import default_store_dir as under_cache
+
+    return under_cache()

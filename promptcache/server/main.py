@@ -23,7 +23,7 @@ from ..engine.budget import SERVER_MODULE_BUDGET_BYTES
 from ..errors import PromptCacheError
 from ..markup.parse import is_pml
 from ..markup.xmlsafe import prolog_end
-from .config import ServerConfig
+from .config import ServerConfig, default_store_dir
 
 if TYPE_CHECKING:  # pragma: no cover
     from .http import Server
@@ -57,11 +57,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     s.add_argument("--shutdown-grace-s", type=float, default=d.shutdown_grace_s,
                    help="on SIGTERM, how long running requests may take to finish")
     s.add_argument("--threads", type=int,
-                   help="torch threads per forward (default: torch's, one per core); on a busy or shared CPU, "
-                        "1 can be several times faster: parallel regions wait for every thread")
+                   help="torch threads per forward (default: one per free core, measured at start); on a busy "
+                        "or shared CPU, 1 can be several times faster: parallel regions wait for every thread")
     s.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"))
     e = p.add_argument_group("engine")
-    e.add_argument("--store-dir", metavar="DIR", help="persist module states there across restarts")
+    e.add_argument("--store-dir", metavar="DIR",
+                   help="persist module states there across restarts (default: modules/ in the cache directory)")
+    e.add_argument("--no-store", action="store_true", help="keep module states in memory only")
     e.add_argument("--device-budget-bytes", type=int, help="module-store budget on the device (default: none)")
     e.add_argument("--host-budget-bytes", type=int, help="module-store budget in host memory (default: none)")
     e.add_argument("--module-budget-bytes", type=module_budget, default=SERVER_MODULE_BUDGET_BYTES, metavar="N",
@@ -111,7 +113,8 @@ def config_from_args(args: argparse.Namespace, model: str) -> ServerConfig:
 
 
 def engine_kwargs(args: argparse.Namespace) -> dict:
-    kwargs = dict(store_dir=args.store_dir, device_budget_bytes=args.device_budget_bytes,
+    store_dir = None if args.no_store else args.store_dir or default_store_dir()
+    kwargs = dict(store_dir=store_dir, device_budget_bytes=args.device_budget_bytes,
                   host_budget_bytes=args.host_budget_bytes, prefix_cache=not args.no_prefix_cache,
                   ttl_s=args.ttl_s, int8_decode=args.int8_decode, compile_decode=args.compile_decode,
                   module_budget_bytes=args.module_budget_bytes, progress=False)
@@ -144,12 +147,9 @@ def run(args: argparse.Namespace, model: str) -> int:
 
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     config = config_from_args(args, model)
-    if args.threads is not None:
-        if args.threads < 1:
-            raise PromptCacheError(f"--threads must be >= 1, got {args.threads}")
-        import torch
+    from ..models.threads import configure_threads
 
-        torch.set_num_threads(args.threads)
+    configure_threads(args.threads)  # --threads, else one per free core
     engine = Engine.from_pretrained(model, device=args.device, dtype=args.dtype, **engine_kwargs(args))
     if args.compile_decode:
         logger.info("compiling the few-token and one-token steps (minutes on a small CPU)")
