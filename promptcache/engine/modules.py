@@ -1,7 +1,12 @@
 """`ModuleRegistry`: the engine's added schemas and where their modules' states are.
 
 A module's states live in the memory tiers of `kv.store.ModuleStore`, else in the disk store,
-else they are (re-)encoded on demand. Every key carries the module's context hash
+else they are (re-)encoded on demand.
+
+NOTE: the registry's lock guards its dicts and the store only, never a load or an encode: adding a
+schema (seconds to minutes of encoding) must not hold up requests on other schemas, or on the
+version it replaces. Adds of one name take turns (`_turn`), so the last to start is the last
+to publish, with its states. Every key carries the module's context hash
 (`identity.module_contexts`: the tokens and positions its states were computed from), so two
 versions of a schema never share an entry: a request keeps the layout it was bound to, and what
 it re-encodes is stored under that layout's keys, never the new version's.
@@ -12,7 +17,8 @@ from __future__ import annotations
 import logging
 import os
 import threading
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 from ..errors import PromptError
@@ -36,6 +42,18 @@ class Checkout:
     states: list[KVStates]
     written: tuple[str, ...]  # modules this request (re-)encoded
     written_tokens: int
+
+
+@dataclass(frozen=True)
+class Filled:
+    """States of missing modules: read from the disk store, or encoded now."""
+
+    loaded: dict[str, KVStates]
+    encoded: dict[str, KVStates]
+
+    @property
+    def states(self) -> dict[str, KVStates]:
+        return {**self.loaded, **self.encoded}
 
 
 @dataclass(frozen=True, eq=False)
@@ -82,8 +100,9 @@ class ModuleRegistry:
         self.store, self.disk, self.identity, self.progress = store, disk, identity, progress
         self.param_filler = " "  # text encoded in parameter slots (markup.layout.compile_schema)
         self.versions: dict[str, SchemaVersion] = {}
-        self._staged: SchemaVersion | None = None  # the version add() is encoding, not yet published
         self.lock = threading.RLock()
+        self._adding: set[str] = set()  # names an add() is loading or encoding now
+        self._added = threading.Condition(self.lock)
 
     # ---- schemas ---------------------------------------------------------------------------
 
@@ -102,17 +121,30 @@ class ModuleRegistry:
             raise PromptError(f"schema '{layout.name}' is {layout.length} positions long; the model's "
                               f"context window is {self.adapter.max_positions}")
         version = SchemaVersion.of(layout)
-        with self.lock:
-            self._staged = version
-            try:
-                self.checkout(version, sorted(p for p in version.cacheable() if version.key(p) not in self.store))
-            finally:
-                self._staged = None
-            old = self.versions.get(layout.name)
-            self.versions[layout.name] = version
-            if old is not None:
-                self._drop_unused(old, version)
+        with self._turn(layout.name):
+            missing = {p for p in version.cacheable() if version.key(p) not in self.store}
+            filled = self._fill(version, missing, staged=True)  # no lock held: requests go on
+            with self.lock:
+                for path, states in filled.states.items():
+                    self.store.put(version.key(path), states)
+                old = self.versions.get(layout.name)
+                self.versions[layout.name] = version
+                if old is not None:
+                    self._drop_unused(old, version)
         return layout
+
+    @contextmanager
+    def _turn(self, name: str) -> Iterator[None]:
+        """Wait until no other add() of `name` runs, then hold its turn (requests never wait here)."""
+        with self._added:
+            self._added.wait_for(lambda: name not in self._adding)
+            self._adding.add(name)
+        try:
+            yield
+        finally:
+            with self._added:
+                self._adding.discard(name)
+                self._added.notify_all()
 
     def remove(self, name: str) -> None:
         """Forget a schema and drop its modules' states from memory (the disk store keeps them)."""
@@ -147,30 +179,40 @@ class ModuleRegistry:
     def checkout(self, version: SchemaVersion, paths: Sequence[str]) -> Checkout:
         """States of `paths`: from memory, else the disk store, else encoded now.
 
-        States encoded for a version that is no longer current (a request planned before the schema
-        was redefined) serve that request only: they are not stored.
+        States read or encoded for a version that is no longer current (a request planned before the
+        schema was redefined) serve that request only: they are not stored.
         """
         with self.lock:
             found = {p: self.store.get(version.key(p)) for p in paths}
-            missing = {p for p, s in found.items() if s is None}
-            if missing:
-                found.update(self._load(version, missing))
-                missing = {p for p, s in found.items() if s is None}
-            written_tokens = 0
-            if missing:
-                fresh = self._encode(version, missing)
-                found.update(fresh)
-                written_tokens = sum(len(s) for s in fresh.values())
-        return Checkout([found[p] for p in paths], tuple(sorted(missing)), written_tokens)
+        missing = {p for p, s in found.items() if s is None}
+        filled = self._fill(version, missing, staged=False)
+        if filled.states:
+            with self.lock:
+                if self._live(version):  # NOTE: a small budget may evict them from the store right away
+                    for path, states in filled.states.items():
+                        self.store.put(version.key(path), states)
+            found.update(filled.states)
+        written_tokens = sum(len(s) for s in filled.encoded.values())
+        return Checkout([found[p] for p in paths], tuple(sorted(filled.encoded)), written_tokens)
 
     def _live(self, version: SchemaVersion) -> bool:
-        return version is self._staged or self.versions.get(version.name) is version
+        return self.versions.get(version.name) is version
+
+    def _fill(self, version: SchemaVersion, paths: set[str], staged: bool) -> Filled:
+        """States of `paths` from the disk store, else encoded; no lock held. `staged`: an add() not yet
+        published (its new states are saved to the disk store, as a current version's are)."""
+        if not paths:
+            return Filled({}, {})
+        loaded = self._load(version, paths)
+        want = paths - set(loaded)
+        encoded = self._encode(version, want, staged) if want else {}
+        return Filled(loaded, encoded)
 
     def _disk_key(self, version: SchemaVersion, path: str) -> str:
         return states_key(**self.identity(), context=version.contexts[path])
 
     def _load(self, version: SchemaVersion, paths: set[str]) -> dict[str, KVStates]:
-        """States of `paths` found in the disk store (also put in the module store)."""
+        """States of `paths` found in the disk store."""
         found = {}
         for path in sorted(paths) if self.disk is not None else ():
             states = self.disk.load(self._disk_key(version, path), device=self.adapter.device)
@@ -179,32 +221,28 @@ class ModuleRegistry:
                                "module's", version.name, path)
                 states = None
             if states is not None:
-                if self._live(version):  # NOTE: a small budget may evict it from the store right away
-                    self.store.put(version.key(path), states)
                 found[path] = states
         if found:
             logger.info("loaded %d modules of %s from %s", len(found), version.name, self.disk.root)
         return found
 
-    def _encode(self, version: SchemaVersion, want: set[str]) -> dict[str, KVStates]:
+    def _encode(self, version: SchemaVersion, want: set[str], staged: bool) -> dict[str, KVStates]:
         everything = version.cacheable()
-        if version is not self._staged:
+        if not staged:
             logger.info("re-encoding evicted modules of %s: %s", version.name, sorted(want))
         states = encode_schema(self.adapter, version.layout, None if want == everything else want,
                                progress=self.progress)
-        if self._live(version):
+        if self.disk is not None and (staged or self._live(version)):
             for path, st in states.items():
-                self.store.put(version.key(path), st)
-                if self.disk is not None:
-                    self.disk.save(self._disk_key(version, path), st, {"schema": version.name, "module": path})
+                self.disk.save(self._disk_key(version, path), st, {"schema": version.name, "module": path})
         return states
 
     # ---- pins and inspection ---------------------------------------------------------------
 
     def pin(self, schema: str, module: str) -> None:
+        version = self.cached_module(schema, module)
+        self.checkout(version, [module])  # loads or encodes without the lock
         with self.lock:
-            version = self.cached_module(schema, module)
-            self.checkout(version, [module])
             self.store.pin(version.key(module))
 
     def unpin(self, schema: str, module: str) -> None:
