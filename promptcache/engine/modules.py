@@ -27,8 +27,9 @@ from ..kv.states import KVStates
 from ..kv.store import ModuleStore
 from ..markup.check import check_schema
 from ..markup.layout import SchemaLayout, compile_schema
-from ..markup.nodes import Schema, Text
+from ..markup.nodes import Schema
 from ..markup.parse import parse_schema
+from . import checks
 from .encode import encode_schema
 from .identity import module_contexts
 
@@ -115,7 +116,7 @@ class ModuleRegistry:
             check_schema(schema)  # the same rules, in the same words, as PML text gets
         else:
             schema = parse_schema(schema, base_dir=base_dir)
-        _check_text_fits(schema, self.adapter.max_positions)
+        checks.fits_window(f"schema '{schema.name}'", checks.text_bytes(schema), self.adapter.max_positions)
         layout = compile_schema(schema, self.tokenizer, self.chat_format, param_filler=self.param_filler)
         if layout.length > self.adapter.max_positions:
             raise PromptError(f"schema '{layout.name}' is {layout.length} positions long; the model's "
@@ -262,20 +263,3 @@ def _matches(states: KVStates, module) -> bool:
     """Whether loaded states are exactly the module's tokens at its positions (and one per layer)."""
     return (tuple(states.token_ids) == tuple(module.token_ids)
             and states.positions.tolist() == list(module.positions))
-
-
-MAX_BYTES_PER_TOKEN = 256  # more text than any token holds: a bound checked before tokenizing
-
-
-def _check_text_fits(schema: Schema, max_positions: int) -> None:
-    """Refuse a schema whose text cannot fit the context window before spending time tokenizing it."""
-    size, stack = 0, list(schema.children)
-    while stack:
-        node = stack.pop()
-        if isinstance(node, Text):
-            size += len(node.text.encode("utf-8"))
-        stack.extend(getattr(node, "children", ()) or getattr(node, "members", ()))
-    if size > MAX_BYTES_PER_TOKEN * max_positions:
-        raise PromptError(f"schema '{schema.name}' holds {size} bytes of text: more than its tokens could be "
-                          f"and still fit the model's context window of {max_positions} "
-                          f"(at most {MAX_BYTES_PER_TOKEN} bytes a token)")
