@@ -215,11 +215,13 @@ class TextTracker:
     def delta(self, final: bool) -> str:
         end = len(self.text)
         if not final:
-            end -= self.hold
+            # NOTE: unfinished characters first, then the hold: a stop string may begin with characters
+            # still arriving byte by byte, so it is held back from the last *finished* character
             if self.run_start < len(self.ids):
                 end = min(end, self._length_before(self.run_start))
             while end > self.emitted and self.text[end - 1] == "\ufffd":
                 end -= 1
+            end -= self.hold
         if end <= self.emitted:
             return ""
         out, self.emitted = self.text[self.emitted:end], end
