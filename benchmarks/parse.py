@@ -3,10 +3,10 @@
 Each shape is a document made of one unit repeated k times (attributes on one selection,
 sibling selections, nesting to the depth limit, entities, character references, long text, chat
 turns, modules, parameters...). For each shape the document doubles in size up to the parser's
-limit (`parse_prompt`: 1 MiB, `parse_schema`: 8 MiB; the server's body limit is 16 MiB, and a
-document over the parser's limit is refused before parsing: the last row of each shape). Printed per size: median
-seconds of `parse_prompt` / `parse_schema` (which include `check`), microseconds per KiB, and the
-ratio to the half-size row: about 2 is linear, 4 quadratic.
+limit (`parse_prompt`: 1 MiB, `parse_schema`: 8 MiB); the last row of each shape is a document at
+the server's 16 MiB body limit, refused by size before parsing. Printed per size: median seconds
+of `parse_prompt` / `parse_schema` (which include `check`), microseconds per KiB, and the ratio to
+the half-size row: about 2 is linear, 4 quadratic.
 
     python benchmarks/parse.py                  # every shape, 128 KiB .. each limit
     python benchmarks/parse.py --quick          # 64 .. 256 KiB
