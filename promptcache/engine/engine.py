@@ -234,10 +234,12 @@ class Engine:
             check_prompt(prompt)  # parse_prompt checked text already; objects get the same rules
         if isinstance(prompt, Prompt):
             version = self.modules.current(prompt.schema)
+            checks.fits_window("the prompt", checks.text_bytes(prompt), self.adapter.max_positions)
             tokens = bind(prompt, version.layout, self.tokenizer, pad_arguments=self.pad_arguments)
             source = "modules" if enable_cache else "none"
         elif isinstance(prompt, str) or (isinstance(prompt, Sequence) and not isinstance(prompt, bytes)):
             checks.prompt_texts(prompt)
+            checks.fits_window("the prompt", checks.text_bytes(prompt), self.adapter.max_positions)
             version = None
             tokens = plain_plan(prompt, self.tokenizer, self.chat_format, self._bos,
                                 answers=functools.partial(self.answers.get, namespace))
