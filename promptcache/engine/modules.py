@@ -245,10 +245,9 @@ class ModuleRegistry:
             return Filled({}, {})
         loaded = self._load(version, paths)
         want = paths - set(loaded)
-        start = time.perf_counter()
-        encoded = self._encode(version, want, staged) if want else {}
+        encoded = self._encode(version, want, staged) if want else Filled({}, {})
         stored_s = sum(_recorded_seconds(self.disk.meta(self._disk_key(version, p))) for p in loaded) if loaded else 0.0
-        return Filled(loaded, encoded, time.perf_counter() - start if want else 0.0, stored_s)
+        return Filled(loaded, encoded.encoded, encoded.encode_s, stored_s)
 
     def _disk_key(self, version: SchemaVersion, path: str) -> str:
         return states_key(**self.identity(), context=version.contexts[path])
@@ -270,7 +269,8 @@ class ModuleRegistry:
             logger.info("loaded %d modules of %s from %s", len(found), version.name, self.disk.root)
         return found
 
-    def _encode(self, version: SchemaVersion, want: set[str], staged: bool) -> dict[str, KVStates]:
+    def _encode(self, version: SchemaVersion, want: set[str], staged: bool) -> Filled:
+        """`want` encoded (and saved to the disk store, for a live or staged version): `encoded`, `encode_s`."""
         everything = version.cacheable()
         if not staged:
             logger.info("re-encoding evicted modules of %s: %s", version.name, sorted(want))
@@ -283,7 +283,7 @@ class ModuleRegistry:
             for path, st in states.items():  # each module's share of the encode time: what loading it saves
                 meta = {"schema": version.name, "module": path, "encode_s": f"{seconds * len(st) / total:.4f}"}
                 self.disk.save(self._disk_key(version, path), st, meta)
-        return states
+        return Filled({}, states, seconds)
 
     # ---- pins and inspection ---------------------------------------------------------------
 
