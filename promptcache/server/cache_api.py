@@ -1,0 +1,5 @@
+"""Cache management over HTTP (filled in below)."""
+
+from fastapi import APIRouter
+
+router = APIRouter()
