@@ -41,8 +41,8 @@ from ..response_cache import ResponseCache
 from . import checks
 from .decoder import Decoder
 from .generate import SamplingParams, eos_ids
-from .keep import Breakpoint, Kept, PrefixKeeper, breakpoint_offsets
 from .identity import FINGERPRINTS, engine_identity
+from .keep import Breakpoint, Kept, PrefixKeeper, breakpoint_offsets
 from .modules import ModuleRegistry
 from .plain import plain_plan
 from .prefill import CacheSpec, Prefill, prefill_full, prefill_modules, prefill_prefix

@@ -6,13 +6,13 @@ buffer, and the ASGI response that streams it.
          ^ blocks when full                     | stalls count against --stream-stall-s
          '-- closed when cancelled <------------'  client gone, stalled, shutting down
 
-`EngineRun` runs the service's iterator (given the run's `cancelled` event; it waits for a run slot,
-then calls `Engine.stream`) in a thread, so the event loop never blocks; at most `buffer` items wait for the client. Cancelling it
-(`cancel()`) makes the thread close the iterator at its next item, which stops generation and frees
-the request's cache. `EventStream` sends the items; a client that does not take them (its socket
-stays unwritable) for `stall_s` seconds in total is dropped, which frees its run slot: a stream
-nobody reads cannot hold a slot for longer than that. A disconnect is noticed while waiting for the
-next item, not only when writing.
+`EngineRun` runs the service's iterator (given the run's `cancelled` event; it waits for a run
+slot, then calls `Engine.stream`) in a thread, so the event loop never blocks; at most `buffer`
+items wait for the client. Cancelling it (`cancel()`) makes the thread close the iterator at its
+next item, which stops generation and frees the request's cache. `EventStream` sends the items; a
+client that does not take them (its socket stays unwritable) for `stall_s` seconds in total is
+dropped, which frees its run slot: a stream nobody reads cannot hold a slot for longer than that.
+A disconnect is noticed while waiting for the next item, not only when writing.
 """
 
 from __future__ import annotations
