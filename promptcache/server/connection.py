@@ -11,6 +11,8 @@
   gets its answer. While a request without a started response runs, the connection is probed with an
   interim `100 Continue` (which HTTP/1.1 clients skip) every `PROBE_S`: a peer that really closed
   answers with a reset, and the request is cancelled as for any disconnect.
+- Bounded send buffers: the kernel's is fixed at `SEND_BUFFER_BYTES` (no autotuning to megabytes),
+  so that a client that stops reading makes the server's writes wait soon (see `streaming.py`).
 - `scope["extensions"]["promptcache.abort"]` drops the connection at once (a stream nobody reads).
 """
 
@@ -21,6 +23,7 @@ import contextlib
 import json
 import logging
 import signal
+import socket
 import threading
 import time
 from dataclasses import dataclass
@@ -31,6 +34,7 @@ from uvicorn.protocols.http.h11_impl import H11Protocol
 logger = logging.getLogger(__name__)
 
 PROBE_S = 1.0
+SEND_BUFFER_BYTES = 64 << 10  # the kernel's share of what a client that stops reading leaves buffered
 
 
 @dataclass(frozen=True)
@@ -59,6 +63,9 @@ class GuardedH11Protocol(H11Protocol):
             _refuse(transport, "too many open connections, all of them in a request; retry later")
             return
         super().connection_made(transport)
+        sock = transport.get_extra_info("socket")
+        if sock is not None:  # NOTE: a fixed kernel buffer: autotuning would let a non-reader absorb megabytes
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, SEND_BUFFER_BYTES)
         self._arm_header_deadline()
 
     def connection_lost(self, exc: Exception | None) -> None:

@@ -247,7 +247,7 @@ ERRORS = [  # (id, path, body, status, param, words in the message)
     ("unknown-path", "/v1/embeddings", CHAT, 404, None, "no endpoint"),
     ("schema-not-xml", "/v1/schemas", "/etc/passwd", 400, "body", "<schema>"),
     ("schema-src-refused", "/v1/schemas", '<schema name="s"><module name="m" src="/etc/passwd"/></schema>', 400,
-     None, "src="),
+     None, "--schema-base-dir"),
     ("schema-invalid", "/v1/schemas", '<schema name="s"><modul name="m"/></schema>', 400, None, "modul"),
 ]
 
