@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from ..engine.keep import CacheReport, cache_report
 from ..engine.usage import Usage
 from ..errors import PromptCacheError
+from .caching import CacheAdmin
 from .config import ServerConfig
 from .errors import ApiError
 from .gate import Abandoned, Busy, Gate
@@ -56,6 +57,7 @@ class Service:
         self.metrics = Metrics()
         self.started = int(time.time())
         self.aborting = threading.Event()  # set when the shutdown grace period is over
+        self.cache_admin = CacheAdmin(self)
 
     # ---- models ---------------------------------------------------------------------------
 
@@ -79,7 +81,7 @@ class Service:
         if not text.lstrip("\ufeff \t\r\n").startswith("<"):
             raise ApiError(400, "the body must be a PML <schema> document (XML text starting with '<')",
                            param="body")
-        with self._admit():
+        with self.admit():
             try:
                 layout = self.engine.add_schema(text, base_dir=self.config.schema_base_dir)
             except PromptCacheError as e:
@@ -114,7 +116,7 @@ class Service:
         """Text deltas, then an `Outcome`; stops (closing the engine's stream) once `cancelled` is set."""
         self.check_model(request.model)
         try:
-            with self._admit(cancelled) as queued_s:
+            with self.admit(cancelled) as queued_s:
                 yield from self._generate(request, cancelled, queued_s)
         except Abandoned:  # the client left while queued
             return
@@ -155,7 +157,7 @@ class Service:
         return cache_report(usage.input_tokens, usage.cached_tokens, kept)
 
     @contextmanager
-    def _admit(self, cancelled: threading.Event | None = None) -> Iterator[float]:
+    def admit(self, cancelled: threading.Event | None = None) -> Iterator[float]:
         """A run slot (yields the seconds queued); a full gate is a 503."""
         try:
             with self.gate.slot(cancelled) as queued_s:
