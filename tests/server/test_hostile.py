@@ -223,3 +223,26 @@ def test_serve_with_a_missing_schema_path_fails_before_loading_the_model():
     assert out.returncode == 2 and "nope" in out.stderr and "no such file or directory" in out.stderr
     assert "serving" not in out.stdout and "loading the model" not in out.stderr
     assert time.monotonic() - t0 < 60
+
+
+def test_a_queued_request_whose_client_leaves_leaves_the_queue(server):
+    body = {"model": "tiny", "prompt": "Tell me a story.", "max_tokens": 3000, "ignore_eos": True, "stream": True}
+    runner = server.connection()
+    runner.request("POST", "/v1/completions", json.dumps(body), {"Authorization": f"Bearer {KEY}"})
+    resp = runner.getresponse()
+    assert resp.status == 200 and resp.read(64)  # it holds the one run slot
+    queued = raw_socket(server)
+    queued.sendall(http_request("/v1/chat/completions", json.dumps(CHAT).encode()))
+
+    def health():
+        return server.request("GET", "/health").json()["requests"]
+
+    deadline = time.monotonic() + 30
+    while health()["queued"] != 1 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert health()["queued"] == 1
+    queued.close()
+    while health()["queued"] != 0 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert health() == {**health(), "queued": 0, "running": 1}  # gone from the queue; the stream still runs
+    runner.close()
