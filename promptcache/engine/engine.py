@@ -44,6 +44,7 @@ from .budget import ModuleBudget
 from .decoder import Decoder
 from .generate import SamplingParams, eos_ids
 from .identity import FINGERPRINTS, engine_identity
+from .keep import Breakpoint, Kept, PrefixKeeper, breakpoint_offsets
 from .modules import ModuleRegistry, SchemaAdded
 from .plain import plain_plan
 from .prefill import CacheSpec, Prefill, prefill_full, prefill_modules, prefill_prefix
@@ -148,6 +149,7 @@ class Engine:
         self.stop_ids = eos_ids(model, tokenizer)
         self._bos = leading_bos(tokenizer)  # prepended to plain prompts and chats
         self.prefix = PrefixTree(prefix_budget_bytes, ttl_s) if prefix_cache else None
+        self.keeper = PrefixKeeper(self.prefix) if self.prefix is not None else None
         self.responses = ResponseCache(response_cache_dir, ttl_s) if response_cache_dir is not None else None
         self._identity = None
         self.answers = AnswerMemory(tokenizer)  # a chat answer's generated ids, for the next turn's prefix match
@@ -344,6 +346,18 @@ class Engine:
         from .conversation import Conversation
 
         return Conversation(self, system, namespace)
+
+    def keep_prefix(self, messages: Sequence[dict], breakpoints: Sequence[Breakpoint], namespace: str = "",
+                    ) -> list[Kept]:
+        """Keep a chat's states up to each breakpoint for its TTL (`engine.keep`); keeping again refreshes it.
+
+        Call it once a request over `messages` has run: its states are then in the prefix tree. A
+        breakpoint whose states are not there (no prefix cache, a full budget) holds 0 tokens.
+        """
+        offsets = breakpoint_offsets(lambda m: self.plan(m, namespace=namespace).token_ids, messages, breakpoints)
+        ids = self.plan(list(messages), namespace=namespace).token_ids
+        return [Kept(offset, 0 if self.keeper is None else self.keeper.keep(ids, offset, b.ttl_s, namespace),
+                     b.ttl_s) for offset, b in zip(offsets, breakpoints)]
 
     def _run(self, prompt, params: SamplingParams, enable_cache: bool, namespace: str,
              stream: bool, recompute: float | Recompute | None = None) -> Iterator[str | Completion]:
