@@ -68,15 +68,16 @@ def test_summaries_pool_rounds_add_wall_times_and_leave_failures_out():
 
 
 def test_the_stall_ratio_is_the_p99_gap_during_the_long_prefill_over_the_p50_outside():
-    # two streams ticking every 0.1 s, stalled by a prefill from 1.0 to 1.5
-    times = [round(0.1 * i, 1) for i in range(1, 10)] + [1.55] + [round(1.6 + 0.1 * i, 1) for i in range(5)]
-    streams = [Stream(0.0, list(times)), Stream(0.0, list(times))]
+    # two streams ticking every 0.1 s; a prefill from 1.0 to 1.5 stalls the first, not the second
+    ticks = [round(0.1 * i, 1) for i in range(1, 21)]
+    stalled = [t for t in ticks if not 1.0 <= t <= 1.5] + [1.55]
     long = Stream(1.0, [1.5], prompt_tokens=4096)
-    row = summarize([LevelRun(streams, wall_s=2.0, long=long)])
+    row = summarize([LevelRun([Stream(0.0, sorted(stalled)), Stream(0.0, ticks)], wall_s=2.0, long=long)])
     assert row["long_ttft_ms"] == pytest.approx(500.0)
+    assert row["gaps_during"] == 6  # 0.9->1.55, and 1.0->1.1 ... 1.4->1.5
     assert row["itl_p50_outside_ms"] == pytest.approx(100.0)
-    assert row["itl_p99_during_ms"] == pytest.approx(650.0)
-    assert row["stall_ratio"] == pytest.approx(6.5)
+    assert row["itl_p99_during_ms"] == pytest.approx(100 + 550 * 0.95)
+    assert row["stall_ratio"] == pytest.approx(6.225)
     assert (row["long_requests"], row["long_errors"], row["long_prompt_tokens"]) == (1, 0, 4096)
 
 
