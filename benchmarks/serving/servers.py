@@ -96,7 +96,7 @@ def vllm(setup: Setup) -> Server:
     cmd = [str(setup.vllm_python), "-m", "vllm.entrypoints.openai.api_server", "--model", str(setup.checkpoint),
            "--served-model-name", setup.model, "--host", "127.0.0.1", "--enable-prefix-caching",
            "--max-num-seqs", str(max(setup.parallel, 2)), "--max-model-len", str(setup.context_tokens),
-           "--dtype", "float32", "--disable-log-stats"]
+           "--dtype", "float32", "--enable-prompt-tokens-details", "--disable-log-stats"]
     env = {"VLLM_CPU_OMP_THREADS_BIND": bind, "VLLM_CPU_KVCACHE_SPACE": "2", "VLLM_TARGET_DEVICE": "cpu",
            "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1", "VLLM_NO_USAGE_STATS": "1"}
     version = _first_line([str(setup.vllm_python), "-c",
