@@ -153,6 +153,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="a smoke run: 1 and 2 clients, 1 request each, 16 tokens, 1k workloads, a 2k long prompt")
     p.add_argument("--note", default="", help="recorded in the JSON (e.g. what else ran on the machine)")
     p.add_argument("--out", default=str(REPO_ROOT / "benchmarks" / "results"))
+    p.add_argument("--name", help="file stem of the JSON (default: serve-MODEL[-quick]-cpu-NcoreS-DATE)")
     args = p.parse_args(argv)
     if args.quick:
         args.concurrency = "1,2" if args.concurrency == p.get_default("concurrency") else args.concurrency
@@ -205,7 +206,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
                              long_prompt_tokens=args.long_tokens, wall_s=round(time.perf_counter() - t0, 1),
                              met=met, note=args.note)
     quick = "-quick" if args.quick else ""
-    name = f"serve-{args.model}{quick}-cpu-{os.cpu_count()}core-{time.strftime('%Y%m%d')}.json"
+    stem = args.name or f"serve-{args.model}{quick}-cpu-{os.cpu_count()}core-{time.strftime('%Y%m%d')}"
+    name = f"{stem}.json"
     print(f"wrote {write_json(args.out, name, payload)}")
     return rows
 

@@ -69,9 +69,11 @@ class Setup:
 def promptcache(setup: Setup, cache: bool = True) -> Server:
     cmd = [sys.executable, "-m", "promptcache", "serve", "--model", setup.model, "--host", "127.0.0.1",
            *setup.pc_args, *([] if cache else ["--no-cache"])]
+    from promptcache import __version__
+
     return Server("promptcache" if cache else "promptcache-nocache", cmd, pml=True,
                   threads="torch's default intra-op threads unless --pc-args sets --threads",
-                  env={"TOKENIZERS_PARALLELISM": "false"})
+                  env={"TOKENIZERS_PARALLELISM": "false"}, version=f"promptcache {__version__}")
 
 
 def llama_server(setup: Setup) -> Server:
