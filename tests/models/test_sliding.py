@@ -16,7 +16,7 @@ from transformers.cache_utils import DynamicCache
 
 import promptcache as pc
 from promptcache.errors import PromptCacheError
-from promptcache.models.adapter import attention_kinds
+from promptcache.models.adapter import attention_kinds, window_binds, window_masks
 from promptcache.models.relocate import KeyMover, key_mover
 from promptcache.testing import TINY_WINDOW, tiny_model
 
@@ -90,3 +90,13 @@ def test_a_layer_kind_the_adapter_cannot_mask_is_refused_by_name():
                                                "does not support; supported layer kinds: full_attention, "
                                                "sliding_attention"):
         attention_kinds(cfg)
+
+
+def test_a_local_layer_sees_the_last_window_positions_and_a_global_one_everything_before():
+    k_pos = torch.tensor([0, 1, 2, 9, 10, 11, 12])  # a gap: positions 3..8 hold nothing
+    masks = window_masks(torch.tensor([11, 12]), k_pos, 3, torch.float32, ("sliding_attention", "full_attention"))
+    local, full = (masks[kind][0, 0] == 0 for kind in ("sliding_attention", "full_attention"))
+    assert k_pos[local[1]].tolist() == [10, 11, 12] and k_pos[local[0]].tolist() == [9, 10, 11]
+    assert k_pos[full[1]].tolist() == [0, 1, 2, 9, 10, 11, 12] and k_pos[full[0]].tolist() == [0, 1, 2, 9, 10, 11]
+    assert window_binds(torch.tensor([3]), torch.arange(4), 3)  # key 0 is 3 positions back: out
+    assert not window_binds(torch.tensor([2]), torch.arange(3), 3)
