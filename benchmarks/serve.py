@@ -1,36 +1,34 @@
-"""Serving benchmark: TTFT and throughput of `promptcache serve` under 1..N concurrent clients, cache on/off.
+"""Serving benchmark: promptcache's server against llama.cpp's llama-server and vLLM's CPU build,
+1..16 concurrent streamed clients, on the same model and the same cores, in one run.
 
-    python benchmarks/serve.py                                  # smollm2-135m-instruct, 1,2,4,8 clients
-    python benchmarks/serve.py --model tiny --concurrency 1,2 --requests-per-client 1   # a smoke run
+    python benchmarks/serve.py                 # every server, workload and level (see benchmarks/README.md)
+    python benchmarks/serve.py --quick         # a smoke run: 1 and 2 clients, short answers
+    python benchmarks/serve.py --servers promptcache,promptcache-nocache --workloads prefix:512
 
-The server runs as its own process (`python -m promptcache serve`), twice at once: with the cache
-(prefix reuse, the default) and with `--no-cache` (every prompt token prefilled: the baseline);
-each level runs against one, then the other, round-robin over `--repeat` rounds. The clients are
-threads of this process using the official openai client, each sending streamed chat
-requests back to back (a closed loop). The workload: one shared system prompt of
-`--system-tokens` tokens (a deployment's instructions) and a different short question per request,
-`--max-tokens` generated tokens each (`ignore_eos`, so every request generates the same number).
+Each server is started by this script on 127.0.0.1 (a free port, `taskset -c --cores`), warmed up,
+and stopped at the end (`serving/servers.py`). The workloads (`serving/workloads.py`): a shared 1k
+and 3k system prompt with distinct questions (chat), a document with distinct questions (PML module
+for promptcache, the same text as a plain prompt for the peers), and the 1k chat streams with one
+uncached 4k prompt arriving mid-run (once every client has finished its first request). Per
+(workload, level) the servers run one after another in the same order, round after round
+(`--repeat`), so that a load change on a shared machine hits all of them alike. Each level is a
+closed loop (`serving/client.py`): every client sends its next request when the previous one ends,
+`--requests-per-client` each, none started after `--duration-s`. Every request is streamed,
+greedy, `--max-tokens` tokens exactly (`ignore_eos`).
 
-Per (cache, concurrency): TTFT measured by the client (request sent -> first content token) p50 and
-p95, the engine's own TTFT (usage.promptcache.ttft_s: without queueing and HTTP) p50, requests/s
-and output tokens/s over the level's wall time (summed over rounds). `--warmup` requests per
-server are excluded; with the cache they also put the system prompt in the prefix cache (the
-steady state of a deployment).
-The server gets `--parallel` equal to the largest concurrency, so clients are never queued by the
-gate: this is the baseline (one request per forward) that batching will be measured against.
+Per (workload, server, clients): aggregate output tokens/s over the level's wall time, TTFT p50/p99,
+inter-token latency p50/p99 (gaps between one stream's tokens), and for the mix workload the
+running streams' ITL p99 while the 4k prompt was prefilled against their p50 outside it
+(`serving/stats.py`). Results go to `benchmarks/results/serve-*.json`.
 """
 
 from __future__ import annotations
 
 import argparse
 import os
-import re
-import select
-import signal
-import subprocess
+import shlex
 import sys
 import time
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
@@ -38,170 +36,180 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import torch  # noqa: E402
 
 from benchmarks.common import REPO_ROOT, filler_text, load_average, result_payload, table, write_json  # noqa: E402
+from benchmarks.serving import servers as srv  # noqa: E402
+from benchmarks.serving.client import Level, Sampling, Target, concurrently, post_text, run_level, send  # noqa: E402
+from benchmarks.serving.stats import summarize  # noqa: E402
+from benchmarks.serving.workloads import LONG_TOKENS, Workload, build, parse_workloads  # noqa: E402
 
-READY = re.compile(r"on (http://\S+/v1)")
-COLUMNS = [("cache", "cache", "s"), ("concurrency", "clients", "d"), ("requests", "reqs", "d"),
-           ("ttft_p50_ms", "TTFT p50 ms", ".0f"), ("ttft_p95_ms", "p95 ms", ".0f"),
-           ("engine_ttft_p50_ms", "engine p50 ms", ".0f"), ("requests_per_s", "req/s", ".2f"),
-           ("output_tokens_per_s", "out tok/s", ".1f"), ("cached_tokens_mean", "cached", ".0f"),
-           ("prompt_tokens_mean", "prompt", ".0f")]
-
-
-def percentile(values: list[float], q: float) -> float:
-    """Linear interpolation between closest ranks (numpy's default)."""
-    xs = sorted(values)
-    pos = (len(xs) - 1) * q
-    lo = int(pos)
-    hi = min(lo + 1, len(xs) - 1)
-    return xs[lo] + (xs[hi] - xs[lo]) * (pos - lo)
-
-
-def start_server(model: str, parallel: int, cache: bool, device: str, extra: list[str]) -> tuple[subprocess.Popen, str]:
-    cmd = [sys.executable, "-m", "promptcache", "serve", "--model", model, "--port", "0", "--device", device,
-           "--parallel", str(parallel), "--max-queue", "64", "--log-level", "warning", *extra]
-    proc = subprocess.Popen(cmd + ([] if cache else ["--no-cache"]), cwd=REPO_ROOT, stdout=subprocess.PIPE,
-                            env=dict(os.environ, TOKENIZERS_PARALLELISM="false"))
-    buf, deadline = b"", time.monotonic() + 600
-    while time.monotonic() < deadline and proc.poll() is None:
-        if select.select([proc.stdout], [], [], 0.5)[0]:
-            buf += os.read(proc.stdout.fileno(), 4096)
-            if found := READY.search(buf.decode(errors="replace")):
-                return proc, found.group(1)
-    proc.kill()
-    sys.exit(f"the server did not start: {buf.decode(errors='replace')}")
+COLUMNS = [("workload", "workload", ""), ("clients", "clients", "d"), ("server", "server", ""),
+           ("requests", "reqs", "d"), ("errors", "err", "d"), ("output_tokens_per_s", "out tok/s", ".1f"),
+           ("ttft_p50_ms", "TTFT p50 ms", ".0f"), ("ttft_p99_ms", "p99 ms", ".0f"),
+           ("itl_p50_ms", "ITL p50 ms", ".0f"), ("itl_p99_ms", "p99 ms", ".0f"),
+           ("prompt_tokens_mean", "prompt", ".0f"), ("cached_tokens_mean", "cached", ".0f")]
+MIX_COLUMNS = [("workload", "workload", ""), ("clients", "clients", "d"), ("server", "server", ""),
+               ("long_ttft_ms", "4k TTFT ms", ".0f"), ("gaps_during", "gaps during", "d"),
+               ("itl_p50_outside_ms", "ITL p50 without", ".0f"), ("itl_p99_during_ms", "ITL p99 during", ".0f"),
+               ("stall_ratio", "p99/p50", ".2f")]
+WARMUP_QUESTION = 900_000
 
 
-def stop_server(proc: subprocess.Popen) -> None:
-    proc.send_signal(signal.SIGTERM)
+def prepare(target: Target, workload: Workload, clients: int, sampling: Sampling) -> None:
+    """Add the module workload's schema (PML servers), then `clients` concurrent warm-up requests: the
+    shared context is in every cache and every llama-server slot holds it (the steady state)."""
+    if workload.schema is not None and target.pml:
+        status, body = post_text(target, "/v1/schemas", workload.schema, sampling.timeout_s)
+        if status != 200:
+            raise SystemExit(f"adding schema {workload.schema_name} failed: HTTP {status}: {body[:300]}")
+    warm = Sampling(max_tokens=4, timeout_s=sampling.timeout_s)
+    streams = concurrently(lambda k: send(target, workload.call(WARMUP_QUESTION + k, target.pml), warm), clients)
+    if failed := [s.error for s in streams if s.error]:
+        raise SystemExit(f"warm-up of {workload.spec.name} failed: {failed[0]}")
+
+
+def bench(args, workloads: list[Workload], setup: srv.Setup) -> tuple[list[dict], list[dict]]:
+    """(rows, the servers' descriptions); every server is stopped on the way out."""
+    specs = [srv.make(name, setup) for name in args.servers]
+    running: dict[str, srv.Running] = {}
+    logs = srv.log_dir()
+    sampling = Sampling(args.max_tokens, args.request_timeout_s)
+    runs: dict[tuple[str, str, int], list] = {}
+    next_question = 0  # every level gets new question numbers, the same for every server
     try:
-        proc.wait(60)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-    proc.stdout.close()
-
-
-def one_request(client, model: str, system: str, question: str, max_tokens: int) -> dict:
-    """One streamed chat request: client TTFT, engine TTFT, tokens."""
-    t0 = time.perf_counter()
-    ttft, usage = None, None
-    stream = client.chat.completions.create(
-        model=model, messages=[{"role": "system", "content": system}, {"role": "user", "content": question}],
-        max_tokens=max_tokens, temperature=0, stream=True, stream_options={"include_usage": True},
-        extra_body={"ignore_eos": True})
-    for chunk in stream:
-        if ttft is None and chunk.choices and chunk.choices[0].delta.content:
-            ttft = time.perf_counter() - t0
-        if chunk.usage is not None:
-            usage = chunk.usage
-    extra = usage.model_extra["promptcache"]
-    return {"ttft_s": ttft if ttft is not None else time.perf_counter() - t0, "engine_ttft_s": extra["ttft_s"],
-            "output_tokens": usage.completion_tokens, "prompt_tokens": usage.prompt_tokens,
-            "cached_tokens": usage.prompt_tokens_details.cached_tokens}
-
-
-def run_level(url: str, model: str, system: str, concurrency: int, per_client: int, max_tokens: int,
-              offset: int) -> tuple[list[dict], float]:
-    """`concurrency` clients, `per_client` requests each, back to back; (results, wall seconds)."""
-    import openai
-
-    def client_loop(k: int) -> list[dict]:
-        client = openai.OpenAI(base_url=url, api_key="none", max_retries=0, timeout=900)
-        return [one_request(client, model, system, question(offset + k * per_client + i), max_tokens)
-                for i in range(per_client)]
-
-    t0 = time.perf_counter()
-    with ThreadPoolExecutor(concurrency) as pool:
-        results = [r for rs in pool.map(client_loop, range(concurrency)) for r in rs]
-    return results, time.perf_counter() - t0
-
-
-def question(i: int) -> str:
-    topics = ["the weather", "a train timetable", "a recipe", "the history of tea", "a chess opening",
-              "the moon", "a bicycle repair", "a birthday gift", "learning French", "saving money"]
-    return f"Question {i}: in two sentences, tell me something useful about {topics[i % len(topics)]}."
-
-
-def summarize(cache: str, concurrency: int, results: list[dict], wall: float) -> dict:
-    ms = [r["ttft_s"] * 1e3 for r in results]
-    mean = lambda key: sum(r[key] for r in results) / len(results)  # noqa: E731
-    return {"cache": cache, "concurrency": concurrency, "requests": len(results), "wall_s": round(wall, 3),
-            "ttft_p50_ms": percentile(ms, 0.5), "ttft_p95_ms": percentile(ms, 0.95),
-            "engine_ttft_p50_ms": percentile([r["engine_ttft_s"] * 1e3 for r in results], 0.5),
-            "requests_per_s": len(results) / wall,
-            "output_tokens_per_s": sum(r["output_tokens"] for r in results) / wall,
-            "cached_tokens_mean": mean("cached_tokens"), "prompt_tokens_mean": mean("prompt_tokens")}
-
-
-def warm_up(url: str, args, system: str) -> None:
-    """`--warmup` requests, excluded: the first requests of a fresh process run several times slower
-    (allocator and page warm-up); with the cache they also store the system prompt (the steady state)."""
-    import openai
-
-    client = openai.OpenAI(base_url=url, api_key="none", max_retries=0, timeout=900)
-    for i in range(args.warmup):
-        one_request(client, args.served_name, system, question(100_000 + i), args.max_tokens)
-
-
-def bench(args, system: str, levels: list[int]) -> list[dict]:
-    """Both servers up at once, levels run round-robin (on, off, on, off, ...) for `--repeat` rounds,
-    so that a load change on a shared machine hits both modes alike; the idle server uses no CPU."""
-    servers = {}
-    try:
-        for mode in ("on", "off"):
-            extra = [] if args.threads is None else ["--threads", str(args.threads)]
-            servers[mode] = start_server(args.model, max(levels), mode == "on", args.device, extra)
-        for _, url in servers.values():
-            warm_up(url, args, system)
-        results = {(m, c): [] for m in servers for c in levels}
-        walls = dict.fromkeys(results, 0.0)
-        for r in range(args.repeat):
-            for c in levels:
-                offset = (r * len(levels) + levels.index(c)) * 1000  # new questions, the same for both modes
-                for mode, (_, url) in servers.items():
-                    res, wall = run_level(url, args.served_name, system, c, args.requests_per_client,
-                                          args.max_tokens, offset)
-                    results[(mode, c)] += res
-                    walls[(mode, c)] += wall
-                    print(f"round {r + 1}, cache {mode}, {c} clients: {wall:.1f} s", flush=True)
-        return [summarize(m, c, results[(m, c)], walls[(m, c)]) for m in servers for c in levels]
+        for spec in specs:
+            t0 = time.perf_counter()
+            running[spec.name] = srv.Running(spec, setup.cores, logs)
+            print(f"started {spec.name} in {time.perf_counter() - t0:.0f} s (log {running[spec.name].log})", flush=True)
+        targets = {name: Target("127.0.0.1", r.port, args.model, r.server.pml) for name, r in running.items()}
+        for workload in workloads:
+            for target in targets.values():
+                prepare(target, workload, max(args.levels), sampling)
+            for rnd in range(args.repeat):
+                for clients in args.levels:
+                    level = Level(clients, args.requests_per_client, args.duration_s, next_question)
+                    next_question += level.max_requests
+                    for name, target in targets.items():
+                        run = run_level(target, workload, level, sampling, nonce=level.first_question)
+                        runs.setdefault((workload.spec.name, name, clients), []).append(run)
+                        row = summarize([run])
+                        print(f"{workload.spec.name} round {rnd + 1} {clients:2d} clients {name:>20}: "
+                              f"{row['output_tokens_per_s'] or 0:.1f} tok/s, TTFT p50 "
+                              f"{row['ttft_p50_ms'] or 0:.0f} ms, {row['errors']} errors, {run.wall_s:.0f} s",
+                              flush=True)
     finally:
-        for proc, _ in servers.values():
-            stop_server(proc)
+        for r in running.values():
+            r.stop()
+    rows = [{"workload": w, "server": s, "clients": c, **summarize(rs)} for (w, s, c), rs in runs.items()]
+    rows.sort(key=lambda r: (r["workload"], r["clients"], args.servers.index(r["server"])))
+    return rows, [s.describe() for s in specs]
 
 
-def main(argv: list[str] | None = None) -> None:
+def _row(rows: list[dict], workload: str, server: str, clients: int) -> dict | None:
+    return next((r for r in rows if (r["workload"], r["server"], r["clients"]) == (workload, server, clients)), None)
+
+
+def verdicts(rows: list[dict]) -> dict[str, bool | None]:
+    """issue 26's targets for promptcache, per workload (None: not measured in this run)."""
+    out: dict[str, bool | None] = {}
+    for w in dict.fromkeys(r["workload"] for r in rows):
+        pc8, pc1 = _row(rows, w, "promptcache", 8), _row(rows, w, "promptcache", 1)
+        llama8 = _row(rows, w, "llama-server", 8)
+        if w.startswith(("prefix", "module")):
+            both = pc8 and llama8 and pc8["output_tokens_per_s"] and llama8["output_tokens_per_s"]
+            out[f"{w}: 8 clients, tok/s >= llama-server's and TTFT p50 below it"] = (
+                bool(pc8["output_tokens_per_s"] >= llama8["output_tokens_per_s"]
+                     and pc8["ttft_p50_ms"] < llama8["ttft_p50_ms"]) if both else None)
+            scaling = pc8 and pc1 and pc1["output_tokens_per_s"] and pc8["output_tokens_per_s"]
+            out[f"{w}: 8 clients >= 4x the tok/s of 1"] = (
+                pc8["output_tokens_per_s"] >= 4 * pc1["output_tokens_per_s"] if scaling else None)
+        else:
+            ratios = [r["stall_ratio"] for r in rows if r["workload"] == w and r["server"] == "promptcache"
+                      and r["clients"] > 1 and r.get("stall_ratio") is not None]
+            out[f"{w}: running streams' ITL p99 during the 4k prefill < 3x their p50 (2+ clients)"] = (
+                all(x < 3 for x in ratios) if ratios else None)
+    return out
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--model", default="smollm2-135m-instruct")
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--concurrency", default="1,2,4,8", help="comma-separated client counts")
+    p.add_argument("--model", default="smollm2-135m-instruct", help="a built-in model name (its GGUF is the peers')")
+    p.add_argument("--servers", default="promptcache,llama-server,vllm", help=f"any of {', '.join(srv.NAMES)}")
+    p.add_argument("--workloads", default="prefix:1024,prefix:3072,module:2048,mix:1024",
+                   help="KIND:TOKENS entries, KIND one of prefix, module, mix")
+    p.add_argument("--concurrency", default="1,2,4,8,16", help="comma-separated client counts")
     p.add_argument("--requests-per-client", type=int, default=2)
-    p.add_argument("--repeat", type=int, default=2, help="rounds over all levels and both modes")
-    p.add_argument("--warmup", type=int, default=4, help="excluded requests per server before measuring")
-    p.add_argument("--threads", type=int, help="the servers' --threads (default: torch's)")
-    p.add_argument("--max-tokens", type=int, default=32)
-    p.add_argument("--system-tokens", type=int, default=512)
+    p.add_argument("--max-tokens", type=int, default=64, help="generated per request (EOS ignored)")
+    p.add_argument("--duration-s", type=float, default=300, help="no new request of a level after this")
+    p.add_argument("--request-timeout-s", type=float, default=900)
+    p.add_argument("--repeat", type=int, default=1, help="rounds over every level and server")
+    p.add_argument("--long-tokens", type=int, default=LONG_TOKENS, help="the mix workload's uncached prompt")
+    p.add_argument("--cores", help="cores every server is pinned to, e.g. 0,1 (default: all this process may use)")
+    p.add_argument("--llama-threads", type=int, help="llama-server --threads/--threads-batch (default: one per core)")
+    p.add_argument("--vllm-cores", help="cores vLLM's OpenMP threads bind to (default: the first of --cores; "
+                   "its API server and engine process share the rest)")
+    p.add_argument("--llama-server", type=Path, default=srv.LLAMA_SERVER)
+    p.add_argument("--vllm-python", type=Path, default=srv.VLLM_PYTHON)
+    p.add_argument("--pc-args", default="", help="extra `promptcache serve` flags, e.g. '--threads 1'")
+    p.add_argument("--quick", action="store_true",
+                   help="a smoke run: 1 and 2 clients, 1 request each, 16 tokens, 1k workloads, a 2k long prompt")
     p.add_argument("--note", default="", help="recorded in the JSON (e.g. what else ran on the machine)")
     p.add_argument("--out", default=str(REPO_ROOT / "benchmarks" / "results"))
+    p.add_argument("--name", help="file stem of the JSON (default: serve-MODEL[-quick]-cpu-NcoreS-DATE)")
     args = p.parse_args(argv)
-    args.served_name = args.model
-    levels = [int(c) for c in args.concurrency.split(",")]
-    load_start = load_average()
-    from promptcache.models.load import load_tokenizer
+    if args.quick:
+        args.concurrency = "1,2" if args.concurrency == p.get_default("concurrency") else args.concurrency
+        if args.workloads == p.get_default("workloads"):
+            args.workloads = "prefix:1024,module:1024,mix:1024"
+        args.requests_per_client, args.max_tokens = 1, min(args.max_tokens, 16)
+        args.duration_s = min(args.duration_s, 120)
+        args.long_tokens = min(args.long_tokens, 2048)
+    try:
+        args.specs = parse_workloads(args.workloads)
+        args.levels = [int(c) for c in args.concurrency.split(",")]
+    except ValueError as e:
+        raise SystemExit(f"--workloads / --concurrency: {e}") from None
+    args.servers = [s.strip() for s in args.servers.split(",") if s.strip()]
+    if unknown := sorted(set(args.servers) - set(srv.NAMES)):
+        raise SystemExit(f"--servers: unknown {', '.join(unknown)}; valid: {', '.join(srv.NAMES)}")
+    if min(args.levels) < 1 or args.requests_per_client < 1 or args.max_tokens < 1:
+        raise SystemExit("--concurrency entries, --requests-per-client and --max-tokens must be >= 1")
+    return args
 
-    system = "You are the assistant of a travel agency. Policies follow. " + \
-        filler_text(load_tokenizer(args.model).tokenizer, args.system_tokens)
-    rows = bench(args, system, levels)
+
+def main(argv: list[str] | None = None) -> list[dict]:
+    args = parse_args(argv)
+    from promptcache.models.convert import ensure_converted
+    from promptcache.models.load import builtin_gguf, load_tokenizer
+
+    load_start = load_average()
+    tokenizer = load_tokenizer(args.model).tokenizer
+    workloads = [build(spec, tokenizer, filler_text, args.long_tokens) for spec in args.specs]
+    gguf = builtin_gguf(args.model)
+    cores = [int(c) for c in args.cores.split(",")] if args.cores else sorted(os.sched_getaffinity(0))
+    longest = max(s.tokens for s in args.specs) + 200 + args.max_tokens
+    context = max(longest, args.long_tokens + 100) if any(s.kind == "mix" for s in args.specs) else longest
+    setup = srv.Setup(args.model, gguf, ensure_converted(gguf).checkpoint, cores, max(args.levels), context,
+                      args.llama_server, args.vllm_python, tuple(shlex.split(args.pc_args)), args.llama_threads,
+                      [int(c) for c in args.vllm_cores.split(",")] if args.vllm_cores else None)
+    t0 = time.perf_counter()
+    rows, described = bench(args, workloads, setup)
     print("\n" + table(rows, COLUMNS))
-    payload = result_payload("serve", torch.device(args.device), torch.float32, load_start, argv, rows,
-                             model=args.model, system_tokens=args.system_tokens, max_tokens=args.max_tokens,
-                             requests_per_client=args.requests_per_client, repeat=args.repeat, warmup=args.warmup,
-                             server_threads=args.threads,
-                             server_parallel=max(levels),
-                             note=args.note)
-    device = "cpu" if args.device == "cpu" else args.device.replace(":", "")
-    threads = "" if args.threads is None else f"-threads{args.threads}"
-    name = f"serve-{args.model}-{device}-{os.cpu_count()}core{threads}-{time.strftime('%Y%m%d')}.json"
+    if mix := [r for r in rows if "stall_ratio" in r]:
+        print("\n" + table(mix, MIX_COLUMNS))
+    met = verdicts(rows)
+    for target, ok in met.items():
+        print(f"target {target}: {'not measured' if ok is None else 'met' if ok else 'NOT met'}")
+    payload = result_payload("serve", torch.device("cpu"), "server defaults", load_start, argv, rows,
+                             model=args.model, gguf=gguf.name, servers=described, cores=cores,
+                             workloads=[s.name for s in args.specs], concurrency=args.levels,
+                             requests_per_client=args.requests_per_client, max_tokens=args.max_tokens,
+                             duration_s=args.duration_s, repeat=args.repeat, quick=args.quick,
+                             long_prompt_tokens=args.long_tokens, wall_s=round(time.perf_counter() - t0, 1),
+                             met=met, note=args.note)
+    quick = "-quick" if args.quick else ""
+    stem = args.name or f"serve-{args.model}{quick}-cpu-{os.cpu_count()}core-{time.strftime('%Y%m%d')}"
+    name = f"{stem}.json"
     print(f"wrote {write_json(args.out, name, payload)}")
+    return rows
 
 
 if __name__ == "__main__":

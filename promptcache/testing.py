@@ -25,6 +25,7 @@ import torch
 from transformers import (
     AutoModelForCausalLM,
     FalconConfig,
+    Gemma3TextConfig,
     GlmConfig,
     GPTNeoXConfig,
     GraniteConfig,
@@ -43,7 +44,8 @@ from transformers import (
 
 from promptcache.errors import PromptCacheError
 
-ARCHS: tuple[str, ...] = ("llama", "falcon", "mpt", "mistral", "qwen2")
+ARCHS: tuple[str, ...] = ("llama", "falcon", "mpt", "mistral", "qwen2", "gemma3")
+TINY_WINDOW = 8  # tiny gemma3's sliding window: prompts of a few dozen tokens reach well past it
 FIXED_POSITION_ARCHS: tuple[str, ...] = ("phi3", "granite", "smollm3", "gpt_neox", "olmo3", "glm")
 """RoPE families whose stored keys promptcache cannot move (`models.relocate.key_mover` is None): recompute
 keeps the gaps a prompt leaves. Also built by `tiny_model`, for tests of that group."""
@@ -153,11 +155,23 @@ def _config(arch: str, tok: PreTrainedTokenizerBase, hidden_size: int, num_layer
         cfg = GPTNeoXConfig, dict(rope_family, intermediate_size=hidden_size * 4)
     elif arch in _FIXED_POSITION_CONFIGS:  # grouped-query attention, RoPE (see FIXED_POSITION_ARCHS)
         cfg = _FIXED_POSITION_CONFIGS[arch], dict(rope_family, num_key_value_heads=kv_heads)
+    elif arch == "gemma3":  # Gemma 3: sliding-window (local) layers with a global layer between them.
+        cfg = Gemma3TextConfig, dict(
+            rope_family, num_key_value_heads=kv_heads, head_dim=hidden_size // num_heads,
+            query_pre_attn_scalar=hidden_size // num_heads, sliding_window=TINY_WINDOW,
+            layer_types=[_gemma3_layer_type(i) for i in range(num_layers)],
+        )
     else:
         raise PromptCacheError(f"unknown tiny architecture {arch!r}; expected one of "
                                f"{', '.join(ARCHS + FIXED_POSITION_ARCHS)}")
     config_class, kwargs = cfg
     return config_class(**{**common, **kwargs, **overrides})
+
+
+def _gemma3_layer_type(i: int) -> str:
+    """Local and global layers alternate, local first (Gemma 3 has five local layers per global one;
+    two layers, the tiny default, hold one of each)."""
+    return "full_attention" if i % 2 else "sliding_attention"
 
 
 def tiny_config(arch: str = "llama", tokenizer: PreTrainedTokenizerBase | None = None, *, hidden_size: int = 64,

@@ -74,3 +74,18 @@ def smollm2_first_load(promptcache_cache_dir) -> FirstLoad:
 def smollm2(smollm2_first_load) -> LoadedModel:
     """SmolLM2-135M-Instruct (real weights, float32, CPU), loaded once per session."""
     return smollm2_first_load.loaded
+
+
+GEMMA3 = "gemma3-270m"
+
+
+@pytest.fixture(scope="session")
+def gemma3(promptcache_cache_dir) -> LoadedModel:
+    """Gemma 3 270M (real weights, float32, CPU): joined from its chunk packages and converted once per
+    session (minutes on a small CPU); skipped, with the install command as the reason, only where the
+    packages are not installed."""
+    try:
+        builtin_gguf(GEMMA3)
+    except PromptCacheError as exc:
+        pytest.skip(f"gemma3-270m is not installed ({BUILTIN_MODELS[GEMMA3].install_command}): {exc}")
+    return load_model(GEMMA3, device="cpu")

@@ -25,6 +25,21 @@ def cli(*args: str) -> subprocess.CompletedProcess:
                           text=True, timeout=600, env=env)
 
 
+@pytest.fixture
+def cli_main(capsys, monkeypatch):
+    """`promptcache` in this process (no second torch import: seconds, tens on a busy CPU), like `cli`."""
+    import torch
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+
+    def run(*args: str) -> subprocess.CompletedProcess:
+        code = main([*args, "--threads", str(torch.get_num_threads())])
+        out = capsys.readouterr()
+        return subprocess.CompletedProcess(["promptcache", *args], code, out.out, out.err)
+
+    return run
+
+
 @pytest.mark.parametrize("command", [[], ["validate"], ["run"], ["layout"]],
                          ids=lambda c: " ".join(c) or "top")
 def test_help(command):
@@ -71,34 +86,36 @@ def test_run_json():
 
 
 @pytest.mark.parametrize("arch", ["falcon", "mpt"])
-def test_run_streams_then_prints_usage(arch):
-    out = cli("run", *PERSONA, "--tiny", arch, "--max-new-tokens", "4", "--no-cache", "--seed", "0",
+def test_run_streams_then_prints_usage(arch, cli_main):
+    out = cli_main("run", *PERSONA, "--tiny", arch, "--max-new-tokens", "4", "--no-cache", "--seed", "0",
               "--temperature", "0.8", "--top-p", "0.9", "--top-k", "20")
     assert out.returncode == 0, out.stderr
     assert re.search(r"TTFT \d+ ms; input \d+ tokens \(0 cached\)", out.stdout), out.stdout
 
 
-def test_run_plain_text_prompt():
-    out = cli("run", "--schema", str(SCHEMAS / "codegen.xml"), "--prompt", "What does store.py do?",
+def test_run_plain_text_prompt(cli_main):
+    out = cli_main("run", "--schema", str(SCHEMAS / "codegen.xml"), "--prompt", "What does store.py do?",
               "--tiny", "llama", "--max-new-tokens", "2", "--json")
     assert out.returncode == 0, out.stderr
     usage = json.loads(out.stdout)["usage"]
     assert usage["cached_tokens"] > 1000   # every file of the package was spliced in
 
 
-def test_run_unknown_module_is_a_user_error(tmp_path):
+def test_run_unknown_module_is_a_user_error(tmp_path, cli_main):
     prompt = tmp_path / "p.xml"
     prompt.write_text('<prompt schema="persona"><no_such_module/>hi</prompt>')
-    out = cli("run", "--schema", str(SCHEMAS / "persona.xml"), "--prompt", str(prompt), "--tiny", "llama")
+    out = cli_main("run", "--schema", str(SCHEMAS / "persona.xml"), "--prompt", str(prompt), "--tiny", "llama")
     assert out.returncode == 2
     assert "no_such_module" in out.stderr
     assert "Traceback" not in out.stderr
 
 
-def test_layout_lists_modules_with_positions():
-    out = cli("layout", "--schema", str(SCHEMAS / "travel.xml"))
+def test_layout_lists_modules_with_positions(cli_main):
+    out = cli_main("layout", "--schema", str(SCHEMAS / "travel.xml"), "--model", "tiny")
     assert out.returncode == 0, out.stderr
-    rows = [line.split() for line in out.stdout.splitlines()[2:]]
+    assert "NOTE: a random-weight test model's tokenizer" in out.stdout  # never quietly
+    lines = out.stdout.splitlines()
+    rows = [line.split() for line in lines[lines.index(next(x for x in lines if x.startswith("module"))) + 1:]]
     assert rows and rows[0][0] == "(root)"
     for row in rows:
         start, end, tokens = map(int, row[1:4])
@@ -110,23 +127,25 @@ def test_layout_lists_modules_with_positions():
     (["--model", "tiny", "--dtype", "half"], "unknown dtype 'half'; valid: auto, float32"),
     (["--model", "missing.gguf"], "cannot load model 'missing.gguf': no such file or directory"),
 ])
-def test_run_model_errors_are_one_line(args, message):
-    out = cli("run", *PERSONA, *args)
+def test_run_model_errors_are_one_line(args, message, cli_main):
+    out = cli_main("run", *PERSONA, *args)
     assert out.returncode == 2
     assert message in out.stderr and "Traceback" not in out.stderr
 
 
-def test_layout_with_the_real_model_uses_its_tokenizer_and_template(smollm2):
+def test_layout_with_the_real_model_uses_its_tokenizer_and_template(smollm2, cli_main):
     from promptcache.markup.chat import chat_format_for
     from promptcache.markup.layout import compile_schema
     from promptcache.markup.parse import parse_schema
 
-    out = cli("layout", "--schema", str(SCHEMAS / "codegen.xml"), "--model", "smollm2-135m-instruct")
+    out = cli_main("layout", "--schema", str(SCHEMAS / "codegen.xml"))  # the default model: not the tiny one
     assert out.returncode == 0, out.stderr
     chat = chat_format_for(smollm2.tokenizer, smollm2.model.config)
     layout = compile_schema(parse_schema(SCHEMAS / "codegen.xml"), smollm2.tokenizer, chat)
     assert f"schema 'codegen': {layout.length} positions" in out.stdout
-    assert f"chat format {chat.name!r}" in out.stdout
+    assert chat.name == "derived:chatml"  # SmolLM2's model type is llama, its template ChatML
+    assert f"chat format {chat.name!r}" in out.stdout and "smollm2-135m-instruct" in out.stdout
+    assert "random-weight" not in out.stdout
 
 
 def _write(tmp_path, name, text):
@@ -168,3 +187,89 @@ def test_run_says_which_modules_a_plain_prompt_used(tmp_path, capsys):
                  "--stop", "x", "--stop", "y"]) == 0
     err = capsys.readouterr().err
     assert "modules used: doc" in err and "left out: trip (needs argument(s) days" in err
+
+
+# ---- a new user's first hour (issue 29) -----------------------------------------------------------------
+
+
+def test_old_underscore_flags_work_with_a_note(capsys):
+    from promptcache.cli import build_parser, normalize_flags
+
+    argv, notes = normalize_flags(["run", "--max_new_tokens=4", "--top_p", "0.5", "--schema", "a_b.xml",
+                                   "--", "--no_such_flag"], build_parser())
+    assert argv == ["run", "--max-new-tokens=4", "--top-p", "0.5", "--schema", "a_b.xml", "--", "--no_such_flag"]
+    assert notes == ["note: --max_new_tokens is deprecated; use --max-new-tokens",
+                     "note: --top_p is deprecated; use --top-p"]
+
+
+def test_every_command_takes_threads():
+    from promptcache.cli import build_parser
+
+    parser = build_parser()
+    for command in (["validate", "x.xml"], ["run", "--schema", "s", "--prompt", "p"], ["layout", "--schema", "s"],
+                    ["serve"]):
+        assert parser.parse_args([*command, "--threads", "1"]).threads == 1, command
+
+
+def test_run_defaults_to_the_demos_model_and_the_store_under_the_cache_dir(promptcache_cache_dir):
+    from promptcache.cli import build_parser, store_dir_of
+
+    args = build_parser().parse_args(["run", "--schema", "s.xml", "--prompt", "p"])
+    assert (args.model or args.default_model) == "smollm2-135m-instruct"
+    assert store_dir_of(args) == str(promptcache_cache_dir / "modules")
+    assert store_dir_of(build_parser().parse_args(["run", "--schema", "s", "--prompt", "p", "--no-store"])) is None
+
+
+def test_a_misspelt_model_name_suggests_the_built_in_one(cli_main):
+    out = cli_main("run", *PERSONA, "--model", "smollm2-135m")
+    assert out.returncode == 2 and "Traceback" not in out.stderr
+    assert "cannot load model 'smollm2-135m'" in out.stderr
+    assert "did you mean 'smollm2-135m-instruct'?" in out.stderr
+
+
+def test_run_a_second_time_encodes_nothing(tmp_path, cli_main):
+    store = ["--store-dir", str(tmp_path / "store"), "--tiny", "llama", "--max-new-tokens", "2", "--json"]
+    first = cli_main("run", *PERSONA, *store)
+    assert first.returncode == 0, first.stderr
+    assert re.search(r"encoded \d+ module\(s\) in [\d.]+ s; stored in ", first.stderr), first.stderr
+    second = cli_main("run", *PERSONA, *store)  # a new engine: what it has is in the store
+    assert second.returncode == 0, second.stderr
+    assert re.search(r"nothing encoded, \d+ module\(s\) loaded from the store .* [\d.]+ s saved", second.stderr)
+    assert json.loads(second.stdout)["text"] == json.loads(first.stdout)["text"]
+
+
+SCHEMA_WITH_PARAMETER = ('<schema name="s"><module name="trip">Lasts <parameter name="days" length="2"/> days.'
+                         '</module></schema>')
+
+
+def test_validate_without_a_model_says_what_it_could_not_check(tmp_path, capsys):
+    schema = _write(tmp_path, "s.xml", SCHEMA_WITH_PARAMETER)
+    long = _write(tmp_path, "long.xml", '<prompt schema="s"><trip days="one two three four five six"/>Hi</prompt>')
+    assert main(["validate", schema, long]) == 0  # two tokens? only a tokenizer knows
+    out = capsys.readouterr().out
+    assert "not checked without --model: argument lengths" in out and "context window" in out
+
+
+def test_validate_with_a_model_checks_argument_lengths_and_the_window(tmp_path, capsys):
+    schema = _write(tmp_path, "s.xml", SCHEMA_WITH_PARAMETER)
+    good = _write(tmp_path, "good.xml", '<prompt schema="s"><trip days="3"/>Hi</prompt>')
+    long = _write(tmp_path, "long.xml", '<prompt schema="s"><trip days="one two three four five six"/>Hi</prompt>')
+    assert main(["validate", "--model", "tiny", schema, good]) == 0
+    out = capsys.readouterr().out
+    assert "arguments fit their parameters" in out and "not checked" not in out
+    assert main(["validate", "--model", "tiny", schema, long]) == 1
+    out = capsys.readouterr().out
+    assert "long.xml: argument for parameter 'days' of module 'trip' is" in out and "tokens" in out
+    huge = _write(tmp_path, "huge.xml", f'<prompt schema="s"><trip days="3"/>{"word " * 17000}</prompt>')
+    assert main(["validate", "--model", "tiny", schema, huge]) == 1
+    assert "context window is" in capsys.readouterr().out
+    big = _write(tmp_path, "big.xml", f'<schema name="b"><module name="m">{"word " * 17000}</module></schema>')
+    assert main(["validate", "--model", "tiny", big]) == 1
+    assert "big.xml: schema 'b' is" in capsys.readouterr().out
+
+
+def test_validate_with_a_model_loads_no_weights(tmp_path, monkeypatch):
+    import promptcache.models.load as load
+
+    monkeypatch.setattr(load, "load_model", lambda *a, **k: pytest.fail("validate loaded the weights"))
+    assert main(["validate", "--model", "tiny", str(SCHEMAS / "travel.xml"), str(SCHEMAS / "travel.prompt.xml")]) == 0

@@ -1,4 +1,8 @@
-"""demo.py as a user runs it: a subprocess, offline; the tiny random model for speed, and once the real one."""
+"""demo.py as a user runs it: a subprocess, offline; the tiny random model for speed, and once the real one.
+
+A subprocess pays for importing torch again (seconds; tens of seconds on a busy CPU): the tests that check
+what the demo prints for one option or one mistake call its `main` in this process instead.
+"""
 
 from __future__ import annotations
 
@@ -21,6 +25,22 @@ FAST = ["--model", "tiny", "--max_new_tokens", "8", "--device", "cpu",
 def run_demo(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, str(ROOT / "demo.py"), *args], cwd=ROOT, capture_output=True,
                           text=True, timeout=600, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+
+
+@pytest.fixture
+def demo_main(capsys, monkeypatch):
+    """demo.py's `main` in this process: (exit code, stdout, stderr) like `run_demo`, at this process's threads."""
+    import torch
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    demo = load_demo_module()
+
+    def run(*args: str) -> subprocess.CompletedProcess:
+        code = demo.main([*args, "--threads", str(torch.get_num_threads())])
+        out = capsys.readouterr()
+        return subprocess.CompletedProcess(["demo.py", *args], code, out.out, out.err)
+
+    return run
 
 
 def test_compare_reports_both_ttfts_and_matching_outputs():
@@ -48,8 +68,8 @@ def test_enable_cache_values(text, value):
 
 
 @pytest.mark.parametrize("flag, cached", [("1", True), ("False", False)])
-def test_enable_cache_flag(flag, cached):
-    out = run_demo(*FAST, f"--enable_cache={flag}")
+def test_enable_cache_flag(flag, cached, demo_main):
+    out = demo_main(*FAST, f"--enable_cache={flag}")
     assert out.returncode == 0, out.stderr
     assert re.search(r"TTFT: \d+ ms", out.stdout)
     usage = re.search(r"usage: input (\d+) tokens, cached (\d+), output (\d+)", out.stdout)
@@ -82,18 +102,18 @@ def test_malformed_pml_reports_line_and_column(tmp_path):
     assert "Traceback" not in out.stderr
 
 
-def test_model_from_a_local_checkpoint(tmp_path):
+def test_model_from_a_local_checkpoint(tmp_path, demo_main):
     from promptcache.testing import save_tiny
 
     path = save_tiny(tmp_path / "tiny-llama", "llama")
-    out = run_demo(*FAST, "--model", str(path), "--compare")
+    out = demo_main(*FAST, "--model", str(path), "--compare")
     assert out.returncode == 0, out.stderr
     assert "RANDOM WEIGHTS" not in out.stdout
     assert "outputs match: yes" in out.stdout
 
 
-def test_unloadable_model_exits_2(tmp_path):
-    out = run_demo(*FAST, "--model", str(tmp_path / "no-such-model"))
+def test_unloadable_model_exits_2(tmp_path, demo_main):
+    out = demo_main(*FAST, "--model", str(tmp_path / "no-such-model"))
     assert out.returncode == 2
     assert "cannot load model" in out.stderr
     assert "Traceback" not in out.stderr
@@ -125,7 +145,37 @@ def test_a_missing_model_package_prints_the_install_command(monkeypatch, capsys)
 
 @pytest.mark.parametrize("flag, value, message", [("--device", "tpu", "unknown device 'tpu'"),
                                                    ("--dtype", "float33", "unknown dtype 'float33'")])
-def test_bad_device_or_dtype_exits_2(flag, value, message):
-    out = run_demo(*FAST, flag, value)
+def test_bad_device_or_dtype_exits_2(flag, value, message, demo_main):
+    out = demo_main(*FAST, flag, value)
     assert out.returncode == 2
     assert message in out.stderr and "Traceback" not in out.stderr
+
+
+def test_a_second_run_encodes_nothing_and_says_what_it_saved(tmp_path, demo_main):
+    store = ["--store-dir", str(tmp_path / "store")]
+    first = demo_main(*FAST, *store)
+    assert first.returncode == 0, first.stderr
+    assert re.search(r"encoded \d+ module\(s\) in [\d.]+ s; stored in .*store: the next run loads them", first.stdout)
+    second = demo_main(*FAST, *store)
+    assert second.returncode == 0, second.stderr
+    assert re.search(r"nothing encoded, \d+ module\(s\) loaded from the store .*encoding them took [\d.]+ s: "
+                     r"-?[\d.]+ s saved", second.stdout), second.stdout
+    answer = [out.stdout.split("--- answer, cached ---\n", 1)[1].split("\nTTFT:", 1)[0] for out in (first, second)]
+    assert answer[0] == answer[1]
+    opted_out = demo_main(*FAST, *store, "--no-store")
+    assert "--no-store: this run only" in opted_out.stdout and "encoded" in opted_out.stdout
+
+
+def test_dashed_flags_and_old_spellings_with_a_note(demo_main):
+    demo = load_demo_module()
+    assert demo.parse_args(["--enable-cache", "False", "--max-new-tokens", "3"]).max_new_tokens == 3
+    assert demo.parse_args(["--no-cache"]).enable_cache is False
+    out = demo_main(*FAST, "--enable_cache=True")  # FAST spells --max_new_tokens too
+    assert out.returncode == 0, out.stderr
+    assert "demo.py: note: --enable_cache is deprecated; use --enable-cache" in out.stderr
+    assert "demo.py: note: --max_new_tokens is deprecated; use --max-new-tokens" in out.stderr
+
+
+def test_a_misspelt_model_suggests_the_built_in_name(demo_main):
+    out = demo_main("--model", "smollm2-135m")
+    assert out.returncode == 2 and "did you mean 'smollm2-135m-instruct'?" in out.stderr

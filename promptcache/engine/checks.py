@@ -12,6 +12,9 @@ import os
 from collections.abc import Mapping, Sequence
 
 from ..errors import PromptError
+from ..markup.nodes import Selection, Text
+
+MAX_BYTES_PER_TOKEN = 256  # more text than any token holds: a bound checked before tokenizing
 
 
 def optional_count(name: str, value: object) -> int | None:
@@ -71,3 +74,40 @@ def prompt_texts(prompt: str | Sequence) -> None:
         content = m.get("content") if isinstance(m, Mapping) else None
         if isinstance(content, str) and content:
             text(f"message {i} content", content)
+
+
+def text_bytes(item: object) -> int:
+    """UTF-8 bytes of the text in a plain prompt, chat messages, or PML nodes (a `Schema`, a `Prompt`):
+    every `Text`, argument value and message content, walked without recursion."""
+    size, stack = 0, [item]
+    while stack:
+        node = stack.pop()
+        if isinstance(node, str):
+            size += len(node.encode("utf-8", "surrogatepass"))
+        elif isinstance(node, Text):
+            stack.append(node.text)
+        elif isinstance(node, Mapping):  # a chat message
+            stack.append(node.get("content"))
+        elif isinstance(node, Selection):
+            stack.extend(v for _, v in node.args)
+            stack.extend(node.children)
+        elif isinstance(node, Sequence):  # the messages of a chat
+            stack.extend(node)
+        else:  # Schema, Module, Union, RoleBlock, Prompt: their children, members, selections and tail
+            for field in ("children", "members", "selections", "tail"):
+                stack.extend(getattr(node, field, None) or ())
+    return size
+
+
+def fits_window(what: str, n_bytes: int, max_positions: int) -> None:
+    """Refuse text that cannot fit the context window before any time is spent tokenizing it.
+
+    Args:
+        what: the culprit, for the message ("the prompt", "schema 'docs'").
+        n_bytes: its UTF-8 bytes of text (`text_bytes`).
+        max_positions: the model's context window.
+    """
+    if n_bytes > MAX_BYTES_PER_TOKEN * max_positions:
+        raise PromptError(f"{what} holds {n_bytes} bytes of text: more than its tokens could be and still "
+                          f"fit the model's context window of {max_positions} "
+                          f"(at most {MAX_BYTES_PER_TOKEN} bytes a token)")

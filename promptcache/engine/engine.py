@@ -39,11 +39,13 @@ from ..models.adapter import adapter_for
 from ..models.load import resolve_device
 from ..response_cache import ResponseCache
 from . import checks
+from .answers import AnswerMemory
 from .budget import ModuleBudget
 from .decoder import Decoder
 from .generate import SamplingParams, eos_ids
 from .identity import FINGERPRINTS, engine_identity
-from .modules import ModuleRegistry
+from .keep import Breakpoint, Kept, PrefixKeeper, breakpoint_offsets
+from .modules import ModuleRegistry, SchemaAdded
 from .plain import plain_plan
 from .prefill import CacheSpec, Prefill, prefill_full, prefill_modules, prefill_prefix
 from .recompute import DEFAULT_RECOMPUTE, Recompute, plan_blend, recompute_policy, recomputes_all
@@ -156,8 +158,10 @@ class Engine:
         self.stop_ids = eos_ids(model, tokenizer)
         self._bos = leading_bos(tokenizer)  # prepended to plain prompts and chats
         self.prefix = PrefixTree(prefix_budget_bytes, ttl_s) if prefix_cache else None
+        self.keeper = PrefixKeeper(self.prefix) if self.prefix is not None else None
         self.responses = ResponseCache(response_cache_dir, ttl_s) if response_cache_dir is not None else None
         self._identity = None
+        self.answers = AnswerMemory(tokenizer)  # a chat answer's generated ids, for the next turn's prefix match
         self.scheduler = Scheduler(self, max_batch=max_batch, kv_budget_bytes=kv_budget_bytes,
                                    prefill_chunk=prefill_chunk)
 
@@ -190,6 +194,11 @@ class Engine:
         keep the version they were bound to; unchanged modules keep their states and pins.
         """
         return self.modules.add(schema, base_dir)
+
+    def schema_added(self, name: str) -> SchemaAdded:
+        """What the last `add_schema` of `name` did: modules loaded from the disk store or encoded, and the time."""
+        self.modules.current(name)  # PromptError naming the added schemas
+        return self.modules.added[name]
 
     def remove_schema(self, name: str) -> None:
         """Forget a schema; its modules' states leave memory (a disk store keeps its files)."""
@@ -238,12 +247,15 @@ class Engine:
             check_prompt(prompt)  # parse_prompt checked text already; objects get the same rules
         if isinstance(prompt, Prompt):
             version = self.modules.current(prompt.schema)
+            checks.fits_window("the prompt", checks.text_bytes(prompt), self.adapter.max_positions)
             tokens = bind(prompt, version.layout, self.tokenizer, pad_arguments=self.pad_arguments)
             source = "modules" if enable_cache else "none"
         elif isinstance(prompt, str) or (isinstance(prompt, Sequence) and not isinstance(prompt, bytes)):
             checks.prompt_texts(prompt)
+            checks.fits_window("the prompt", checks.text_bytes(prompt), self.adapter.max_positions)
             version = None
-            tokens = plain_plan(prompt, self.tokenizer, self.chat_format, self._bos)
+            tokens = plain_plan(prompt, self.tokenizer, self.chat_format, self._bos,
+                                answers=functools.partial(self.answers.get, namespace))
             source = "prefix" if enable_cache and self.prefix is not None else "none"
         else:
             raise PromptError(f"prompt must be PML text, a Prompt, plain text or a list of chat messages, "
@@ -350,6 +362,18 @@ class Engine:
 
         return Conversation(self, system, namespace)
 
+    def keep_prefix(self, messages: Sequence[dict], breakpoints: Sequence[Breakpoint], namespace: str = "",
+                    ) -> list[Kept]:
+        """Keep a chat's states up to each breakpoint for its TTL (`engine.keep`); keeping again refreshes it.
+
+        Call it once a request over `messages` has run: its states are then in the prefix tree. A
+        breakpoint whose states are not there (no prefix cache, a full budget) holds 0 tokens.
+        """
+        offsets = breakpoint_offsets(lambda m: self.plan(m, namespace=namespace).token_ids, messages, breakpoints)
+        ids = self.plan(list(messages), namespace=namespace).token_ids
+        return [Kept(offset, 0 if self.keeper is None else self.keeper.keep(ids, offset, b.ttl_s, namespace),
+                     b.ttl_s) for offset, b in zip(offsets, breakpoints)]
+
     def _run(self, prompt, params: SamplingParams, enable_cache: bool, namespace: str,
              stream: bool, recompute: float | Recompute | None = None) -> Iterator[str | Completion]:
         t0 = time.perf_counter()
@@ -364,6 +388,8 @@ class Engine:
         try:
             for item in request:
                 if isinstance(item, Completion):
+                    if plan.schema is None and not isinstance(prompt, str):  # a chat: its next turn sends this text
+                        self.answers.remember(namespace, item.text, item.token_ids)
                     if rkey is not None:
                         self.responses.put(rkey, {"text": item.text, "token_ids": list(item.token_ids),
                                                   "finish_reason": item.finish_reason,

@@ -28,7 +28,12 @@ logger = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class SamplingParams:
-    """How to pick tokens. temperature 0 is greedy; top_k 0 and top_p 1 disable those filters."""
+    """How to pick tokens. temperature 0 is greedy; top_k 0 and top_p 1 disable those filters.
+
+    temperature (other than 0) and repetition_penalty must lie in `SCALE_RANGE`, 0.01 to 100: the
+    logits are divided or multiplied by them in float32, and 1e-300 made them infinite (NaN
+    probabilities). A PromptError names the parameter otherwise.
+    """
 
     max_new_tokens: int = 256
     temperature: float = 0.0
@@ -110,6 +115,7 @@ class TokenPicker:
 
 
 SEED_RANGE = (0, 2**64 - 1)  # what torch.Generator.manual_seed takes
+SCALE_RANGE = (0.01, 100.0)  # temperature (but 0) and repetition_penalty: float32 logits stay finite
 
 
 def _bad(name: str, value: object, valid: str) -> PromptError:
@@ -129,6 +135,10 @@ def _real(name: str, value: object, ok, valid: str) -> float:
     return float(value)
 
 
+def _scale(value: float) -> bool:
+    return SCALE_RANGE[0] <= value <= SCALE_RANGE[1]
+
+
 def _strings(name: str, value: object) -> tuple[str, ...]:
     if isinstance(value, str):
         value = (value,)
@@ -146,10 +156,12 @@ def _checked(p: SamplingParams) -> dict[str, object]:
         raise _bad("ignore_eos", p.ignore_eos, "True or False")
     return {
         "max_new_tokens": _int("max_new_tokens", p.max_new_tokens, 1),
-        "temperature": _real("temperature", p.temperature, lambda v: v >= 0, ">= 0"),
+        "temperature": _real("temperature", p.temperature, lambda v: v == 0 or _scale(v),
+                             f"0 (greedy) or from {SCALE_RANGE[0]} to {SCALE_RANGE[1]}"),
         "top_p": _real("top_p", p.top_p, lambda v: 0 < v <= 1, "in (0, 1]"),
         "top_k": _int("top_k", p.top_k, 0),
-        "repetition_penalty": _real("repetition_penalty", p.repetition_penalty, lambda v: v > 0, "> 0"),
+        "repetition_penalty": _real("repetition_penalty", p.repetition_penalty, _scale,
+                                    f"from {SCALE_RANGE[0]} to {SCALE_RANGE[1]} (1 is no penalty)"),
         "stop": _strings("stop", p.stop),
         "stop_token_ids": tuple(_int("stop_token_ids", t, 0) for t in ids),
         "seed": None if p.seed is None else _int("seed", p.seed, *SEED_RANGE),
@@ -215,11 +227,13 @@ class TextTracker:
     def delta(self, final: bool) -> str:
         end = len(self.text)
         if not final:
-            end -= self.hold
+            # NOTE: unfinished characters first, then the hold: a stop string may begin with characters
+            # still arriving byte by byte, so it is held back from the last *finished* character
             if self.run_start < len(self.ids):
                 end = min(end, self._length_before(self.run_start))
             while end > self.emitted and self.text[end - 1] == "\ufffd":
                 end -= 1
+            end -= self.hold
         if end <= self.emitted:
             return ""
         out, self.emitted = self.text[self.emitted:end], end

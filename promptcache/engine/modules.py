@@ -1,7 +1,12 @@
 """`ModuleRegistry`: the engine's added schemas and where their modules' states are.
 
 A module's states live in the memory tiers of `kv.store.ModuleStore`, else in the disk store,
-else they are (re-)encoded on demand. Every key carries the module's context hash
+else they are (re-)encoded on demand.
+
+NOTE: the registry's lock guards its dicts and the store only, never a load or an encode: adding a
+schema (seconds to minutes of encoding) must not hold up requests on other schemas, or on the
+version it replaces. Adds of one name take turns (`_turn`), so the last to start is the last
+to publish, with its states. Every key carries the module's context hash
 (`identity.module_contexts`: the tokens and positions its states were computed from), so two
 versions of a schema never share an entry: a request keeps the layout it was bound to, and what
 it re-encodes is stored under that layout's keys, never the new version's.
@@ -12,7 +17,9 @@ from __future__ import annotations
 import logging
 import os
 import threading
-from collections.abc import Callable, Sequence
+import time
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 from ..errors import PromptError
@@ -21,8 +28,9 @@ from ..kv.states import KVStates
 from ..kv.store import ModuleStore
 from ..markup.check import check_schema
 from ..markup.layout import SchemaLayout, compile_schema
-from ..markup.nodes import Schema, Text
+from ..markup.nodes import Schema
 from ..markup.parse import parse_schema
+from . import checks
 from .budget import ModuleBudget
 from .encode import encode_schema
 from .identity import module_contexts
@@ -37,6 +45,42 @@ class Checkout:
     states: list[KVStates]
     written: tuple[str, ...]  # modules this request (re-)encoded
     written_tokens: int
+
+
+@dataclass(frozen=True)
+class SchemaAdded:
+    """What adding a schema did: which modules came from the disk store, which were encoded, and the time.
+
+    Attributes:
+        name: the schema.
+        loaded: modules whose states were read from the disk store.
+        encoded: modules encoded by this add.
+        seconds: the whole add (parse, compile, load, encode).
+        encode_s: of which encoding.
+        stored_encode_s: what encoding the loaded modules took when they were stored (their files
+            record it; 0 for files written before it was recorded): the time the store saved.
+    """
+
+    name: str
+    loaded: tuple[str, ...]
+    encoded: tuple[str, ...]
+    seconds: float
+    encode_s: float
+    stored_encode_s: float
+
+
+@dataclass(frozen=True)
+class Filled:
+    """States of missing modules: read from the disk store, or encoded now (and how long each took)."""
+
+    loaded: dict[str, KVStates]
+    encoded: dict[str, KVStates]
+    encode_s: float = 0.0
+    stored_encode_s: float = 0.0  # what the loaded modules' files say their encoding took
+
+    @property
+    def states(self) -> dict[str, KVStates]:
+        return {**self.loaded, **self.encoded}
 
 
 @dataclass(frozen=True, eq=False)
@@ -84,8 +128,10 @@ class ModuleRegistry:
         self.param_filler = " "  # text encoded in parameter slots (markup.layout.compile_schema)
         self.budget: ModuleBudget | None = None  # the added schemas' module bytes (engine.budget)
         self.versions: dict[str, SchemaVersion] = {}
-        self._staged: SchemaVersion | None = None  # the version add() is encoding, not yet published
+        self.added: dict[str, SchemaAdded] = {}  # per schema, what its last add did
         self.lock = threading.RLock()
+        self._adding: set[str] = set()  # names an add() is loading or encoding now
+        self._added = threading.Condition(self.lock)
 
     # ---- schemas ---------------------------------------------------------------------------
 
@@ -94,29 +140,51 @@ class ModuleRegistry:
 
         Atomic: when loading or encoding fails, the previous version stays current, untouched.
         """
+        start = time.perf_counter()
         if isinstance(schema, Schema):
             check_schema(schema)  # the same rules, in the same words, as PML text gets
         else:
             schema = parse_schema(schema, base_dir=base_dir)
-        _check_text_fits(schema, self.adapter.max_positions)
+        checks.fits_window(f"schema '{schema.name}'", checks.text_bytes(schema), self.adapter.max_positions)
         layout = compile_schema(schema, self.tokenizer, self.chat_format, param_filler=self.param_filler)
         if layout.length > self.adapter.max_positions:
             raise PromptError(f"schema '{layout.name}' is {layout.length} positions long; the model's "
                               f"context window is {self.adapter.max_positions}")
         version = SchemaVersion.of(layout)
-        with self.lock:
-            if self.budget is not None:
-                self.budget.check(version, self.versions)  # before encoding anything
-            self._staged = version
-            try:
-                self.checkout(version, sorted(p for p in version.cacheable() if version.key(p) not in self.store))
-            finally:
-                self._staged = None
-            old = self.versions.get(layout.name)
-            self.versions[layout.name] = version
-            if old is not None:
-                self._drop_unused(old, version)
+        with self._turn(layout.name):
+            self._check_budget(version)  # before encoding anything
+            missing = {p for p in version.cacheable() if version.key(p) not in self.store}
+            filled = self._fill(version, missing, staged=True)  # no lock held: requests go on
+            with self.lock:
+                self._check_budget(version)  # again: other schemas may have been added meanwhile
+                for path, states in filled.states.items():
+                    self.store.put(version.key(path), states)
+                old = self.versions.get(layout.name)
+                self.versions[layout.name] = version
+                if old is not None:
+                    self._drop_unused(old, version)
+                self.added[layout.name] = SchemaAdded(layout.name, tuple(sorted(filled.loaded)),
+                                                      tuple(sorted(filled.encoded)), time.perf_counter() - start,
+                                                      filled.encode_s, filled.stored_encode_s)
         return layout
+
+    def _check_budget(self, version: SchemaVersion) -> None:
+        if self.budget is not None:
+            with self.lock:
+                self.budget.check(version, dict(self.versions))
+
+    @contextmanager
+    def _turn(self, name: str) -> Iterator[None]:
+        """Wait until no other add() of `name` runs, then hold its turn (requests never wait here)."""
+        with self._added:
+            self._added.wait_for(lambda: name not in self._adding)
+            self._adding.add(name)
+        try:
+            yield
+        finally:
+            with self._added:
+                self._adding.discard(name)
+                self._added.notify_all()
 
     def remove(self, name: str) -> None:
         """Forget a schema and drop its modules' states from memory (the disk store keeps them)."""
@@ -151,30 +219,41 @@ class ModuleRegistry:
     def checkout(self, version: SchemaVersion, paths: Sequence[str]) -> Checkout:
         """States of `paths`: from memory, else the disk store, else encoded now.
 
-        States encoded for a version that is no longer current (a request planned before the schema
-        was redefined) serve that request only: they are not stored.
+        States read or encoded for a version that is no longer current (a request planned before the
+        schema was redefined) serve that request only: they are not stored.
         """
         with self.lock:
             found = {p: self.store.get(version.key(p)) for p in paths}
-            missing = {p for p, s in found.items() if s is None}
-            if missing:
-                found.update(self._load(version, missing))
-                missing = {p for p, s in found.items() if s is None}
-            written_tokens = 0
-            if missing:
-                fresh = self._encode(version, missing)
-                found.update(fresh)
-                written_tokens = sum(len(s) for s in fresh.values())
-        return Checkout([found[p] for p in paths], tuple(sorted(missing)), written_tokens)
+        missing = {p for p, s in found.items() if s is None}
+        filled = self._fill(version, missing, staged=False)
+        if filled.states:
+            with self.lock:
+                if self._live(version):  # NOTE: a small budget may evict them from the store right away
+                    for path, states in filled.states.items():
+                        self.store.put(version.key(path), states)
+            found.update(filled.states)
+        written_tokens = sum(len(s) for s in filled.encoded.values())
+        return Checkout([found[p] for p in paths], tuple(sorted(filled.encoded)), written_tokens)
 
     def _live(self, version: SchemaVersion) -> bool:
-        return version is self._staged or self.versions.get(version.name) is version
+        return self.versions.get(version.name) is version
+
+    def _fill(self, version: SchemaVersion, paths: set[str], staged: bool) -> Filled:
+        """States of `paths` from the disk store, else encoded; no lock held. `staged`: an add() not yet
+        published (its new states are saved to the disk store, as a current version's are)."""
+        if not paths:
+            return Filled({}, {})
+        loaded = self._load(version, paths)
+        want = paths - set(loaded)
+        encoded = self._encode(version, want, staged) if want else Filled({}, {})
+        stored_s = sum(_recorded_seconds(self.disk.meta(self._disk_key(version, p))) for p in loaded) if loaded else 0.0
+        return Filled(loaded, encoded.encoded, encoded.encode_s, stored_s)
 
     def _disk_key(self, version: SchemaVersion, path: str) -> str:
         return states_key(**self.identity(), context=version.contexts[path])
 
     def _load(self, version: SchemaVersion, paths: set[str]) -> dict[str, KVStates]:
-        """States of `paths` found in the disk store (also put in the module store)."""
+        """States of `paths` found in the disk store."""
         found = {}
         for path in sorted(paths) if self.disk is not None else ():
             states = self.disk.load(self._disk_key(version, path), device=self.adapter.device,
@@ -185,32 +264,33 @@ class ModuleRegistry:
                                "module's", version.name, path)
                 states = None
             if states is not None:
-                if self._live(version):  # NOTE: a small budget may evict it from the store right away
-                    self.store.put(version.key(path), states)
                 found[path] = states
         if found:
             logger.info("loaded %d modules of %s from %s", len(found), version.name, self.disk.root)
         return found
 
-    def _encode(self, version: SchemaVersion, want: set[str]) -> dict[str, KVStates]:
+    def _encode(self, version: SchemaVersion, want: set[str], staged: bool) -> Filled:
+        """`want` encoded (and saved to the disk store, for a live or staged version): `encoded`, `encode_s`."""
         everything = version.cacheable()
-        if version is not self._staged:
+        if not staged:
             logger.info("re-encoding evicted modules of %s: %s", version.name, sorted(want))
+        start = time.perf_counter()
         states = encode_schema(self.adapter, version.layout, None if want == everything else want,
                                progress=self.progress)
-        if self._live(version):
-            for path, st in states.items():
-                self.store.put(version.key(path), st)
-                if self.disk is not None:
-                    self.disk.save(self._disk_key(version, path), st, {"schema": version.name, "module": path})
-        return states
+        seconds = time.perf_counter() - start
+        total = sum(len(st) for st in states.values()) or 1
+        if self.disk is not None and (staged or self._live(version)):
+            for path, st in states.items():  # each module's share of the encode time: what loading it saves
+                meta = {"schema": version.name, "module": path, "encode_s": f"{seconds * len(st) / total:.4f}"}
+                self.disk.save(self._disk_key(version, path), st, meta)
+        return Filled({}, states, seconds)
 
     # ---- pins and inspection ---------------------------------------------------------------
 
     def pin(self, schema: str, module: str) -> None:
+        version = self.cached_module(schema, module)
+        self.checkout(version, [module])  # loads or encodes without the lock
         with self.lock:
-            version = self.cached_module(schema, module)
-            self.checkout(version, [module])
             self.store.pin(version.key(module))
 
     def unpin(self, schema: str, module: str) -> None:
@@ -226,24 +306,16 @@ class ModuleRegistry:
         return self.store.tier_of(self.cached_module(schema, module).key(module))
 
 
+def _recorded_seconds(meta: dict[str, str] | None) -> float:
+    """The encode time a stored module's file records (0 when it records none, or nonsense)."""
+    try:
+        seconds = float((meta or {}).get("encode_s", 0.0))
+    except (TypeError, ValueError):
+        return 0.0
+    return seconds if 0.0 <= seconds < 1e7 else 0.0
+
+
 def _matches(states: KVStates, module) -> bool:
     """Whether loaded states are exactly the module's tokens at its positions (and one per layer)."""
     return (tuple(states.token_ids) == tuple(module.token_ids)
             and states.positions.tolist() == list(module.positions))
-
-
-MAX_BYTES_PER_TOKEN = 256  # more text than any token holds: a bound checked before tokenizing
-
-
-def _check_text_fits(schema: Schema, max_positions: int) -> None:
-    """Refuse a schema whose text cannot fit the context window before spending time tokenizing it."""
-    size, stack = 0, list(schema.children)
-    while stack:
-        node = stack.pop()
-        if isinstance(node, Text):
-            size += len(node.text.encode("utf-8"))
-        stack.extend(getattr(node, "children", ()) or getattr(node, "members", ()))
-    if size > MAX_BYTES_PER_TOKEN * max_positions:
-        raise PromptError(f"schema '{schema.name}' holds {size} bytes of text: more than its tokens could be "
-                          f"and still fit the model's context window of {max_positions} "
-                          f"(at most {MAX_BYTES_PER_TOKEN} bytes a token)")

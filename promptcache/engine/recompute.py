@@ -403,7 +403,7 @@ class Blend:
             values[:, :, dst] = st.values[layer].index_select(2, at).to(device, non_blocking=True)
         delta = torch.tensor([self.frame[i] - self.seq[i].position for i in idx], dtype=torch.long)
         if self.mover is not None and bool(delta.any()):
-            keys = self.mover.move(keys, delta)
+            keys = self.mover.move(keys, delta, layer)
         return keys, values
 
     def _gather(self, idx: list[int], device) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:

@@ -40,7 +40,9 @@ class ChatFormat:
     """How one model family marks chat turns.
 
     Attributes:
-        name: the format's name ("llama2", "chatml", ..., or "derived:<model type>").
+        name: the format's name ("llama2", "chatml", ..., or for one derived from a template
+            "derived:<builtin>" when its markers are a builtin's, e.g. "derived:chatml", else
+            "derived:<model type>").
         roles: "system"/"user"/"assistant" -> (prefix, suffix) put around the content.
         generation_prompt: opens the assistant's reply; appended after a prompt's last user turn.
         stop: stop strings implied by the format (e.g. "<|im_end|>").
@@ -163,13 +165,22 @@ def chat_format_for(tokenizer: Any, model_config: Any = None, name: str | None =
         return fallback
     derived = derive_chat_format(tokenizer, f"derived:{model_type or 'unknown'}")
     if derived is not None:
-        return derived
+        return replace(derived, name=f"derived:{_family(derived) or model_type or 'unknown'}")
     if not _renders(tokenizer):
         logger.warning("the tokenizer's chat template fails on a plain conversation; using %r", fallback.name)
         return fallback
     logger.warning("the tokenizer's chat template cannot be expressed turn by turn: chats use the template, "
                    "PML role blocks the builtin format %r", fallback.name)
     return replace(fallback, name=f"{fallback.name}+template", template=template)
+
+
+def _family(fmt: ChatFormat) -> str | None:
+    """The builtin format whose role markers a derived one has (SmolLM2's llama-type template is ChatML)."""
+    for name, builtin in BUILTIN_FORMATS.items():
+        if name != "plain" and dict(fmt.roles) == dict(builtin.roles) \
+                and fmt.generation_prompt == builtin.generation_prompt:
+            return name
+    return None
 
 
 def render_messages(fmt: ChatFormat, messages: Sequence[Mapping[str, str]],

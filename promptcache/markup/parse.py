@@ -33,6 +33,7 @@ from promptcache.markup.rules import XML_SPACE, Foreign, Where, display
 from promptcache.markup.whitespace import INLINE, LAYOUT, ROLE, TextRun, normalize_content, verbatim_marks
 from promptcache.markup.xmlsafe import (
     Document,
+    attributes,
     load_document,
     parse_xml,
     prolog_end,
@@ -325,7 +326,7 @@ def _selection(el: etree._Element, where: Where) -> Selection:
     if text is not None:
         raise where.error(rules.selection_with_text(tag, text), line, tag)
     children = tuple(_selection(c, where) for c in el if isinstance(c.tag, str))
-    return Selection(tag, tuple((display(k), v) for k, v in el.attrib.items()), children, line)
+    return Selection(tag, tuple((display(k), v) for k, v in attributes(el)), children, line)
 
 
 def _turn(el: etree._Element, inherited: bool, where: Where, marks: dict | None = None) -> RoleBlock:

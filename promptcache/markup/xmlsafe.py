@@ -174,6 +174,22 @@ def _check_depth(root: etree._Element, name: str) -> None:
         stack.extend((child, depth + 1) for child in el if isinstance(child.tag, str))
 
 
+_ALL_ATTRIBUTES = etree.XPath("@*")
+_FEW_ATTRIBUTES = 32  # lookups by name cost at most this many steps each
+
+
+def attributes(el: etree._Element) -> list[tuple[str, str]]:
+    """`el`'s attributes as (name, value) pairs, in document order, in time linear in their number.
+
+    NOTE: lxml's `attrib.items()` looks each value up by name from the first attribute, so k
+    attributes cost k^2 steps (40k took 14 s); XPath's `@*` walks the list once, but has a fixed
+    cost per call that makes it the slower choice for the usual few attributes.
+    """
+    if len(el.attrib) <= _FEW_ATTRIBUTES:
+        return el.attrib.items()
+    return [(str(a.attrname), str(a)) for a in _ALL_ATTRIBUTES(el)]
+
+
 @lru_cache(maxsize=1)
 def grammar() -> etree.RelaxNG:
     """The PML RELAX NG grammar (schemas/pml.rng, shipped as promptcache/markup/pml.rng).

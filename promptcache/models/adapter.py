@@ -14,6 +14,20 @@ position reaches attention:
 Where new tokens do not all come after every cached token (parameter arguments, cache="false"
 modules), attention must follow positions, not cache order: a 4D mask lets a query see exactly
 the keys at positions <= its own.
+
+Sliding-window layers (Gemma 2/3's local layers, Mistral with `sliding_window`) see only the keys
+of the last `window` *positions*: a query at p sees keys at positions p - window < k <= p. With
+spliced modules a gap (a module left out, a parameter slot longer than its argument) counts in
+that window as the tokens it stands for would: the window is counted in positions, not in the
+tokens present. That is what a full prefill of the whole schema computes when it masks the gap's
+tokens out (tests/engine/test_gaps.py), and it keeps every local layer's distances within those
+the model was trained on. transformers builds its window from cache indices, which are positions
+only in a gapless cache, so once a window can cut anything (`window_binds`) the adapter passes
+the masks itself, one per layer type (`window_masks`).
+
+    positions   0 .. 9 [ skipped module 10..29 ] 30 31 32      window = 8
+    query at 32 sees, in a local layer:  keys at 25..32 -> only 30, 31, 32 are present
+                in a global layer:       every key at <= 32
 """
 
 from __future__ import annotations
@@ -33,11 +47,31 @@ from .batched import DecodeRow, RowsCache, batch_of
 logger = logging.getLogger(__name__)
 
 
-def position_mask(q_pos: torch.Tensor, k_pos: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """Additive mask [1, 1, q, kv]: 0 where key position <= query position, else the dtype's min."""
+def position_mask(q_pos: torch.Tensor, k_pos: torch.Tensor, dtype: torch.dtype,
+                  window: int | None = None) -> torch.Tensor:
+    """Additive mask [1, 1, q, kv]: 0 where key position <= query position (and, with a `window`,
+    > query position - window), else the dtype's min."""
     allowed = k_pos[None, :] <= q_pos[:, None]
+    if window is not None:
+        allowed &= k_pos[None, :] > q_pos[:, None] - window
     mask = torch.zeros(allowed.shape, dtype=dtype, device=q_pos.device)
     return mask.masked_fill_(~allowed, torch.finfo(dtype).min)[None, None]
+
+
+def window_masks(q_pos: torch.Tensor, k_pos: torch.Tensor, window: int, dtype: torch.dtype,
+                 layer_types: tuple[str, ...]) -> dict[str, torch.Tensor] | torch.Tensor:
+    """Additive masks [1, 1, q, kv] by position: global layers see keys at <= the query's position,
+    local layers only those less than `window` positions back. One per layer type (a dict, as
+    transformers' hybrid models take it); a model without layer types (all local) gets the local one."""
+    local = position_mask(q_pos, k_pos, dtype, window)
+    if not layer_types:
+        return local
+    return {"full_attention": position_mask(q_pos, k_pos, dtype), "sliding_attention": local}
+
+
+def window_binds(q_pos: torch.Tensor, k_pos: torch.Tensor, window: int) -> bool:
+    """Whether some key is `window` or more positions before some query (else a window cuts nothing)."""
+    return int(q_pos.max()) - int(k_pos.min()) >= window
 
 
 def needs_position_mask(q_pos: torch.Tensor, past_pos: torch.Tensor | None) -> bool:
@@ -81,7 +115,7 @@ def grouped_attention(module, query: torch.Tensor, key: torch.Tensor, value: tor
     rows = current_rows()
     if rows is not None:  # a batched decode step: each row over its own request cache (`batched`)
         return rows_attention(module, query, scaling, rows,
-                              lambda q, k, v: _grouped(q, k, v, None, scaling)), None
+                              lambda q, k, v, mask: _grouped(q, k, v, mask, scaling)), None
     return _grouped(query, key, value, attention_mask, scaling), None
 
 
@@ -121,6 +155,7 @@ class Adapter:
         self.config = cfg
         self.num_layers = cfg.num_hidden_layers
         self.max_positions = _max_positions(cfg)
+        self.layer_types, self.window = attention_kinds(cfg)
         self.compiled = None  # a `compiled.CompiledDecode` once `compile_decode` ran
         # transformers 5.25 renamed the model's `past_key_values` argument `cache` (the old name warns; gone in 5.40)
         self.cache_arg = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
@@ -160,6 +195,10 @@ class Adapter:
         """
         from .compiled import CompiledDecode
 
+        if self.window is not None:
+            raise PromptCacheError(f"compile_decode does not support sliding-window attention "
+                                   f"({self.config.model_type}: local layers see the last {self.window} positions; "
+                                   "the compiled step attends to every key); leave compile_decode off for this model")
         if self.model.config._attn_implementation != ATTENTION or not self._attention_gets_model_kwargs():
             raise PromptCacheError(f"compile_decode needs a model whose attention goes through transformers' "
                                    f"AttentionInterface and receives the model's keyword arguments (llama, "
@@ -200,6 +239,15 @@ class Adapter:
         through transformers' AttentionInterface to the engine's, and decoding is not compiled)."""
         return self.model.config._attn_implementation == ATTENTION and self.compiled is None
 
+    @functools.cached_property
+    def layer_windows(self) -> tuple[int | None, ...]:
+        """Per decoder layer, its sliding window (in positions) or None (a global layer)."""
+        if self.window is None:
+            return (None,) * self.num_layers
+        if not self.layer_types:
+            return (self.window,) * self.num_layers
+        return tuple(self.window if kind == "sliding_attention" else None for kind in self.layer_types)
+
     def decode_rows(self, rows: Sequence[DecodeRow]) -> torch.Tensor:
         """Logits [rows, vocab] of each row's token after its own cache (`batched.DecodeRow`), in one
         forward where the model allows (`batches`), else row by row. Each row's cache gets its token's
@@ -211,7 +259,7 @@ class Adapter:
             r.key_positions[r.fed] = r.position
         ids = torch.tensor([[r.token] for r in rows], dtype=torch.long, device=device)
         pos = torch.tensor([[r.position] for r in rows], dtype=torch.long, device=device)
-        cache = RowsCache([r.cache for r in rows])
+        cache = RowsCache(rows, self.layer_windows)
         with torch.inference_mode(), batch_of(cache):
             out = self.model(input_ids=ids, position_ids=pos, use_cache=True, logits_to_keep=1,
                              **{self.cache_arg: cache})
@@ -232,7 +280,9 @@ class Adapter:
         """
         mask = None
         past_pos = k_pos[: k_pos.numel() - q_pos.numel()]
-        if not in_order and needs_position_mask(q_pos, past_pos):
+        if self.window is not None and window_binds(q_pos, k_pos, self.window):
+            mask = window_masks(q_pos, k_pos, self.window, self.dtype, self.layer_types)
+        elif not in_order and needs_position_mask(q_pos, past_pos):
             mask = position_mask(q_pos, k_pos, self.dtype)
         if mask is None and self._compiled_takes(input_ids, cache, past_pos.numel(), logits_to_keep):
             return self.compiled.forward(input_ids[0].tolist(), q_pos.tolist(), cache, past_pos.numel())[None, None]
@@ -316,6 +366,26 @@ def _uses_attention_interface(model) -> bool:
     return hasattr(sys.modules.get(type(model).__module__), "ALL_ATTENTION_FUNCTIONS")
 
 
+ATTENTION_KINDS = ("full_attention", "sliding_attention")
+
+
+def attention_kinds(cfg) -> tuple[tuple[str, ...], int | None]:
+    """(each layer's attention kind, the sliding window) of a decoder config: kinds are empty when the
+    config names none (every layer alike), the window None when no layer is windowed.
+
+    Raises:
+        PromptCacheError: a kind the adapter cannot mask by position (chunked, linear attention, ...).
+    """
+    kinds = tuple(getattr(cfg, "layer_types", None) or ())
+    unknown = sorted(set(kinds) - set(ATTENTION_KINDS))
+    if unknown:
+        raise PromptCacheError(f"model type '{cfg.model_type}' has {', '.join(unknown)} layers, which promptcache "
+                               f"does not support; supported layer kinds: {', '.join(ATTENTION_KINDS)}")
+    window = getattr(cfg, "sliding_window", None)
+    windowed = "sliding_attention" in kinds if kinds else getattr(cfg, "use_sliding_window", True)
+    return kinds, window if windowed and isinstance(window, int) and window > 0 else None
+
+
 def _max_positions(cfg) -> int:
     for name in ("max_position_embeddings", "max_seq_len", "n_positions", "seq_length"):
         value = getattr(cfg, name, None)
@@ -336,3 +406,8 @@ def adapter_for(model) -> Adapter:
         raise PromptCacheError(f"model type '{cfg.model_type}' uses ALiBi through a path promptcache "
                                "does not adapt; supported: RoPE decoders (llama, mistral, qwen2, falcon, ...) and mpt")
     return Adapter(model)
+
+
+def config_max_positions(cfg) -> int:
+    """The context window a model config declares (what `Adapter.max_positions` holds), without the model."""
+    return _max_positions(cfg)

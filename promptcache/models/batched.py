@@ -16,7 +16,9 @@ every row's context at every step):
 The attention function the engine registers (`adapter.grouped_attention`) knows it is in a batch
 from a thread-local set around the forward (`rows_attention`); the model's attention calls it
 through transformers' AttentionInterface (llama, mistral, qwen2, falcon, ...). Models whose attention
-does not (MPT) decode their rows one by one (`Adapter.decode_rows`).
+does not (MPT) decode their rows one by one (`Adapter.decode_rows`). In a sliding-window layer
+(Gemma 3's local layers) a row sees only its keys less than the window back, counted in positions
+(`RowsCache.window_mask`, as `adapter.window_masks` does for one request).
 
 Decoding is in order: every key of a row is at a position before the row's new token, so a lone
 query sees all of its row's keys and no mask is needed.
@@ -85,10 +87,28 @@ class RowsLayer(CacheLayerMixin):
 
 
 class RowsCache(Cache):
-    """A transformers `Cache` over the request caches of a batch's rows (one row per cache)."""
+    """A transformers `Cache` over the request caches of a batch's rows (one row per cache).
 
-    def __init__(self, caches: Sequence):
-        super().__init__(layers=[RowsLayer([c.layers[i] for c in caches]) for i in range(len(caches[0].layers))])
+    Args:
+        rows: the batch's rows (their caches, positions and key positions).
+        windows: per layer, the sliding window of a local layer (in positions), None for a global one.
+    """
+
+    def __init__(self, rows: Sequence[DecodeRow], windows: Sequence[int | None]):
+        layers = range(len(rows[0].cache.layers))
+        super().__init__(layers=[RowsLayer([r.cache.layers[i] for r in rows]) for i in layers])
+        self.rows, self.windows = list(rows), list(windows)
+
+    def window_mask(self, layer: int, b: int) -> torch.Tensor | None:
+        """For a local layer, which of row b's keys [1, 1, 1, keys] (bool) its token sees: those less than
+        the window back in positions (a gap counts as the positions it stands for); None: all of them."""
+        window, row = self.windows[layer], self.rows[b]
+        if window is None:
+            return None
+        k_pos = row.key_positions[: row.fed + 1]
+        if row.position - int(k_pos.min()) < window:
+            return None
+        return (k_pos > row.position - window).view(1, 1, 1, -1)
 
 
 @contextmanager
@@ -106,7 +126,9 @@ def current_rows() -> RowsCache | None:
 
 
 def rows_attention(module, query: torch.Tensor, scaling: float | None, rows: RowsCache, attend) -> torch.Tensor:
-    """query [rows, heads, 1, d]: row b attends to row b's keys and values (its new token's included);
-    `attend(query, key, value)` is the one-row attention. Returns [rows, 1, heads, d]."""
-    layer = rows.layers[module.layer_idx]
-    return torch.cat([attend(query[b:b + 1], row.keys, row.values) for b, row in enumerate(layer.rows)])
+    """query [rows, heads, 1, d]: row b attends to row b's keys and values (its new token's included; in a
+    local layer only those within the window); `attend(query, key, value, mask)` is the one-row attention.
+    Returns [rows, 1, heads, d]."""
+    i = module.layer_idx
+    return torch.cat([attend(query[b:b + 1], row.keys, row.values, rows.window_mask(i, b))
+                      for b, row in enumerate(rows.layers[i].rows)])

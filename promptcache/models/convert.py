@@ -11,6 +11,7 @@ that in about a second.
         gguf/<sha256>/                       a complete checkpoint, with promptcache-gguf.json last in
         gguf/.tmp-<sha256[:16]>-<pid>-<rand>/ a conversion in progress (or one whose writer died)
         gguf/<sha256>.lock                   held while converting: one converter per file at a time
+        modules/                             module states the commands persist (`default_store_dir`)
 
 A checkpoint is written into a temp dir beside its final place and renamed into place only when
 complete, so readers see a whole checkpoint or none. Temp dirs whose writer is gone are deleted
@@ -65,6 +66,11 @@ def cache_root() -> Path:
         return Path(os.environ[CACHE_ENV]).expanduser()
     base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
     return Path(base).expanduser() / "promptcache"
+
+
+def default_store_dir() -> Path:
+    """Where `demo.py`, `promptcache run` and `serve` persist module states unless told otherwise."""
+    return cache_root() / "modules"
 
 
 def file_digest(path: str | os.PathLike, cache: str | os.PathLike | None = None) -> str:

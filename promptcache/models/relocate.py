@@ -6,7 +6,9 @@ Moving states to new positions (closing the gaps a prompt leaves):
   becomes the key at p + d by one more rotation by d (rotations of one frequency compose by adding
   angles). `KeyMover.move` applies it with the model's own rotary embedding, whatever its
   frequencies (llama3 or linear scaling included); an `attention_scaling` the embedding folds into
-  cos/sin (YaRN, LongRoPE) is divided out, so it is not applied twice.
+  cos/sin (YaRN, LongRoPE) is divided out, so it is not applied twice. Models whose layer kinds
+  rotate by different frequencies (Gemma 3: base 10k on local layers, 1M on global ones) move each
+  layer's keys by its own kind's rotation (`move(..., layer=i)`).
 - ALiBi (MPT) keys carry no position: the adapter builds the bias from the key positions it is
   given, so moving is free.
 - Anything else (learned absolute positions, interleaved rotary as in GPT-J) cannot be moved:
@@ -30,26 +32,35 @@ import torch
 logger = logging.getLogger(__name__)
 
 ROTATE_HALF_FAMILIES = ("llama", "mistral", "mixtral", "qwen2", "qwen3", "falcon", "gemma", "gemma2",
-                        "olmo", "olmo2", "starcoder2")
+                        "gemma3_text", "olmo", "olmo2", "starcoder2")
 """Families whose rotary embedding rotates half the head dims against the other half (HF's `rotate_half`)."""
 
 
 @dataclass(frozen=True)
 class KeyMover:
-    """Moves stored keys to new positions: by rotation (`rotary` set) or by nothing at all (ALiBi)."""
+    """Moves stored keys to new positions: by rotation (`rotary` set) or by nothing at all (ALiBi).
+
+    `layer_types`: each layer's kind, where the rotary embedding rotates each kind by its own
+    frequencies (it takes the kind as an argument, as Gemma 3's does); empty where one rotation
+    serves every layer.
+    """
 
     rotary: torch.nn.Module | None
+    layer_types: tuple[str, ...] = ()
 
-    def move(self, keys: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
-        """Keys [batch, kv_heads, n, head_dim] computed at positions p, as they are at p + delta [n].
+    def move(self, keys: torch.Tensor, delta: torch.Tensor, layer: int = 0) -> torch.Tensor:
+        """Keys [batch, kv_heads, n, head_dim] of decoder layer `layer` computed at positions p, as
+        they are at p + delta [n].
 
         Returns a new tensor (ALiBi: `keys` itself, positions live in the bias).
         """
         if self.rotary is None:
             return keys
         x = keys.float()
-        cos, sin = self.rotary(x, delta.to(keys.device)[None])  # cos, sin: [1, n, rot]
-        scale = float(getattr(self.rotary, "attention_scaling", 1.0) or 1.0)
+        kind = (self.layer_types[layer],) if self.layer_types else ()
+        cos, sin = self.rotary(x, delta.to(keys.device)[None], *kind)  # cos, sin: [1, n, rot]
+        scale = float(getattr(self.rotary, f"{kind[0]}_attention_scaling" if kind else "attention_scaling", 1.0)
+                      or 1.0)
         cos, sin = (cos.float() / scale)[:, None], (sin.float() / scale)[:, None]  # [1, 1, n, rot]
         rot = cos.shape[-1]
         head = x[..., :rot]
@@ -67,9 +78,12 @@ def key_mover(model) -> KeyMover | None:
     if cfg.model_type not in ROTATE_HALF_FAMILIES:
         logger.info("model type %s: stored keys cannot be moved to new positions; gaps stay", cfg.model_type)
         return None
+    kinds = tuple(getattr(cfg.get_text_config(decoder=True), "layer_types", None) or ())
     for name, mod in model.named_modules():
         if name.endswith("rotary_emb") and hasattr(mod, "inv_freq"):
             return KeyMover(mod)
+        if name.endswith("rotary_emb") and kinds and all(hasattr(mod, f"{k}_inv_freq") for k in kinds):
+            return KeyMover(mod, kinds)
     logger.info("model type %s has no rotary embedding module; gaps stay", cfg.model_type)
     return None
 

@@ -22,8 +22,14 @@ class ServerConfig:
         schema_base_dir: the directory `src=` files of schemas posted over HTTP may come from
             (None: posted schemas cannot read server files at all).
         shutdown_grace_s: on SIGTERM/SIGINT, how long running requests may take to finish.
-        io_timeout_s: a socket read or write stalled longer than this drops the connection.
-        max_connections: open connections (each has a thread); more are refused with 503.
+        header_timeout_s: a request's headers must arrive within this many seconds (of the connection
+            opening or the previous response), or the connection is closed.
+        body_timeout_s: a request's body must arrive within this many seconds of its headers (else 408).
+        keep_alive_s: an idle kept-alive connection is closed after this many seconds.
+        max_connections: open connections; over it, the oldest idle one is closed, or the new one gets 503.
+        stream_buffer: events buffered between the engine and a streaming client.
+        stream_stall_s: total seconds a streaming client may leave its socket unwritable before it is
+            dropped (its generation stopped, its run slot freed).
     """
 
     model_name: str
@@ -37,5 +43,16 @@ class ServerConfig:
     enable_cache: bool = True
     schema_base_dir: Path | None = None
     shutdown_grace_s: float = 30.0
-    io_timeout_s: float = 120.0
+    header_timeout_s: float = 10.0
+    body_timeout_s: float = 60.0
+    keep_alive_s: float = 5.0
     max_connections: int = 256
+    stream_buffer: int = 64
+    stream_stall_s: float = 30.0
+
+
+def default_store_dir() -> Path:
+    """Where `serve` persists module states unless `--store-dir` or `--no-store`: modules/ in the cache directory."""
+    from ..models.convert import default_store_dir as under_cache
+
+    return under_cache()

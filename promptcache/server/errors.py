@@ -1,15 +1,21 @@
 """`ApiError`: an HTTP error answered in OpenAI's envelope, `{"error": {message, type, param, code}}`.
 
 Every failure a client can cause becomes one of these before it reaches the wire: a bad field
-(400, `param` names it), a missing or wrong key (401), an unknown model or schema (404), a body over
-the limit (413), a full queue or a server shutting down (503). The library's `PromptCacheError`
-(bad PML, unknown module, a prompt over the context window) maps to 400 with its own message.
-Anything else is a bug: it is logged with its traceback on the server and answered as a bare 500.
+(400, `param` names it), a missing or wrong key (401), an unknown model or schema (404), a body that
+took too long (408) or is over the limit (413), a full queue, a server still loading or shutting down
+(503). The library's `PromptCacheError` (bad PML, unknown module, a prompt over the context window)
+maps to 400 with its own message. Anything else is a bug: it is logged with its traceback on the
+server and answered as a bare 500. The Anthropic and Bedrock routes answer the same errors in their
+own envelopes (`anthropic.py`, `bedrock.py`).
+
+NOTE: an `HTTPException`, so that FastAPI lets it through its body parsing untouched.
 """
 
 from __future__ import annotations
 
 from http import HTTPStatus
+
+from starlette.exceptions import HTTPException
 
 from ..errors import PromptCacheError
 
@@ -18,6 +24,7 @@ _TYPES = {
     401: "authentication_error",
     404: "not_found_error",
     405: "invalid_request_error",
+    408: "invalid_request_error",
     411: "invalid_request_error",
     413: "invalid_request_error",
     500: "server_error",
@@ -25,7 +32,7 @@ _TYPES = {
 }
 
 
-class ApiError(Exception):
+class ApiError(HTTPException):
     """An error answered to the client.
 
     Args:
@@ -34,13 +41,17 @@ class ApiError(Exception):
         param: the request field at fault, when there is one.
         code: a machine-readable code (OpenAI's where one exists, e.g. "model_not_found").
         type: the error type; default: derived from `status`.
+        headers: extra response headers (e.g. Retry-After).
     """
 
     def __init__(self, status: int, message: str, *, param: str | None = None, code: str | None = None,
-                 type: str | None = None):
-        super().__init__(message)
+                 type: str | None = None, headers: dict[str, str] | None = None):
+        super().__init__(status, message, headers)
         self.status, self.message, self.param, self.code = status, message, param, code
         self.type = type or _TYPES.get(status, "invalid_request_error" if status < 500 else "server_error")
+
+    def __str__(self) -> str:
+        return self.message
 
     def body(self) -> dict:
         return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
@@ -68,6 +79,8 @@ def as_api_error(error: BaseException) -> ApiError:
         return error
     if isinstance(error, PromptCacheError):
         return ApiError.from_library(error)
+    if isinstance(error, HTTPException):  # raised by starlette/FastAPI themselves (404, 405, ...)
+        return ApiError(error.status_code, str(error.detail), headers=error.headers)
     return ApiError(500, "internal server error")
 
 

@@ -1,11 +1,13 @@
 """Response bodies in OpenAI's shapes: completions, streamed chunks, usage, models and schemas.
 
+`kept_tokens`: prompt tokens this request's `cache_control` breakpoints newly kept (see engine.keep).
+
 Usage always carries OpenAI's counts plus a `promptcache` object:
 
     "usage": {"prompt_tokens": 812, "completion_tokens": 40, "total_tokens": 852,
               "prompt_tokens_details": {"cached_tokens": 790},
-              "promptcache": {"cache_write_tokens": 22, "recomputed_tokens": 0, "modules_hit": ["docs"],
-                              "modules_written": [],
+              "promptcache": {"cache_write_tokens": 22, "kept_tokens": 0, "recomputed_tokens": 0,
+                              "modules_hit": ["docs"], "modules_written": [],
                               "ttft_s": 0.061, "total_s": 0.93, "response_cached": false}}
 """
 
@@ -15,12 +17,13 @@ import time
 import uuid
 from dataclasses import dataclass, field
 
+from ..engine.keep import CacheReport
 from ..engine.usage import Usage
 from ..markup.layout import SchemaLayout
 from .protocol import Kind
 
 
-def usage_body(usage: Usage) -> dict:
+def usage_body(usage: Usage, cache: CacheReport | None = None) -> dict:
     """OpenAI's usage object, with cache reads in `prompt_tokens_details` and the rest under `promptcache`."""
     return {
         "prompt_tokens": usage.input_tokens,
@@ -29,6 +32,7 @@ def usage_body(usage: Usage) -> dict:
         "prompt_tokens_details": {"cached_tokens": usage.cached_tokens},
         "promptcache": {
             "cache_write_tokens": usage.cache_write_tokens,
+            "kept_tokens": cache.write_tokens if cache is not None else 0,
             "recomputed_tokens": usage.recomputed_tokens,
             "modules_hit": list(usage.modules_hit),
             "modules_written": list(usage.modules_written),
@@ -60,7 +64,7 @@ class ResponseShape:
         return {"id": self.id, "object": obj, "created": self.created, "model": self.model,
                 "system_fingerprint": None, "choices": choices}
 
-    def completion(self, text: str, finish_reason: str, usage: Usage) -> dict:
+    def completion(self, text: str, finish_reason: str, usage: Usage, cache: CacheReport | None = None) -> dict:
         if self.kind == "chat":
             choice = {"index": 0, "message": {"role": "assistant", "content": text, "refusal": None},
                       "logprobs": None, "finish_reason": finish_reason}
@@ -68,7 +72,7 @@ class ResponseShape:
         else:
             choice = {"index": 0, "text": text, "logprobs": None, "finish_reason": finish_reason}
             body = self._envelope("text_completion", [choice])
-        body["usage"] = usage_body(usage)
+        body["usage"] = usage_body(usage, cache)
         return body
 
     def chunk(self, text: str | None, finish_reason: str | None = None, *, role: bool = False,
@@ -87,10 +91,10 @@ class ResponseShape:
             body["usage"] = None  # OpenAI: null on every chunk but the last, which carries it
         return body
 
-    def usage_chunk(self, usage: Usage) -> dict:
+    def usage_chunk(self, usage: Usage, cache: CacheReport | None = None) -> dict:
         """The last chunk of a stream with `stream_options.include_usage`: no choices, the usage."""
         body = self._envelope("chat.completion.chunk" if self.kind == "chat" else "text_completion", [])
-        body["usage"] = usage_body(usage)
+        body["usage"] = usage_body(usage, cache)
         return body
 
 

@@ -1,12 +1,13 @@
 """`Service`: what each endpoint does, over the engine's public API, without any HTTP.
 
-The HTTP layer (`server.http`) decodes a request, calls one method here and writes what it
-returns; errors come out as `ApiError`s (or the library's `PromptCacheError`s, which it answers
-with 400). Generation always runs through `engine.stream` under a run slot of the `Gate`, so that
-a client that goes away stops its generation and frees its request cache: the stream is closed,
-which the engine turns into releasing the cache. A streamed request notices through its writes
-(the HTTP layer closes it when one fails); a non-streamed one, which writes nothing until the end,
-polls `gone` between tokens.
+The one place that talks to the engine. Every API (OpenAI, Anthropic, Bedrock) maps its body to a
+`GenerationRequest` and formats what `run` yields: text deltas, then one `Outcome` (finish reason,
+the engine's usage, and the prompt split into cache reads, writes and input). `run` waits for a run
+slot of the `Gate`, calls `Engine.stream`, and closes it on any exit: a client that goes away (the
+`cancelled` event, set by the HTTP layer) stops its generation at the next token and frees its
+request cache. A request with breakpoints (`cache_control`, `cachePoint`) then keeps its states up
+to each for the breakpoint's TTL (`Engine.keep_prefix`). It runs in a worker thread; nothing here
+touches the event loop. Errors are `ApiError`s (or the library's `PromptCacheError`s: 400s).
 """
 
 from __future__ import annotations
@@ -14,22 +15,32 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 
-from ..engine.usage import Chunk
+from ..engine.keep import CacheReport, cache_report
+from ..engine.usage import Usage
+from ..errors import PromptCacheError
+from .caching import CacheAdmin
 from .config import ServerConfig
 from .errors import ApiError
-from .gate import Busy, Gate
+from .gate import Abandoned, Busy, Gate
 from .metrics import Metrics
-from .protocol import GenerationRequest, Kind, parse_request
-from .responses import ResponseShape, model_body, schema_body
+from .protocol import GenerationRequest
+from .responses import model_body, schema_body
 
 logger = logging.getLogger(__name__)
 
 
-class ClientGone(Exception):
-    """The client closed its connection; the request was stopped."""
+@dataclass(frozen=True)
+class Outcome:
+    """How a generation ended: `finish_reason` ("stop" or "length"), the engine's `usage`, the `cache` split."""
+
+    finish_reason: str
+    usage: Usage
+    cache: CacheReport
+    stop_sequence: str | None = None
 
 
 class Service:
@@ -46,6 +57,7 @@ class Service:
         self.metrics = Metrics()
         self.started = int(time.time())
         self.aborting = threading.Event()  # set when the shutdown grace period is over
+        self.cache_admin = CacheAdmin(self)
 
     # ---- models ---------------------------------------------------------------------------
 
@@ -69,8 +81,15 @@ class Service:
         if not text.lstrip("\ufeff \t\r\n").startswith("<"):
             raise ApiError(400, "the body must be a PML <schema> document (XML text starting with '<')",
                            param="body")
-        with self._admit():
-            layout = self.engine.add_schema(text, base_dir=self.config.schema_base_dir)
+        with self.admit():
+            try:
+                layout = self.engine.add_schema(text, base_dir=self.config.schema_base_dir)
+            except PromptCacheError as e:
+                if self.config.schema_base_dir is None and "base_dir=" in str(e):
+                    raise ApiError(400, str(e).replace("pass base_dir= to allow reading files",
+                                                       "the server reads no src= files unless started with "
+                                                       "--schema-base-dir DIR")) from None
+                raise
         return schema_body(layout)
 
     def schemas(self) -> dict:
@@ -93,68 +112,55 @@ class Service:
 
     # ---- generation -----------------------------------------------------------------------
 
-    def parse(self, body, kind: Kind) -> GenerationRequest:
-        request = parse_request(body, kind, self.config.default_max_tokens)
+    def run(self, request: GenerationRequest, cancelled: threading.Event) -> Iterator[str | Outcome]:
+        """Text deltas, then an `Outcome`; stops (closing the engine's stream) once `cancelled` is set."""
         self.check_model(request.model)
-        return request
+        try:
+            with self.admit(cancelled) as queued_s:
+                yield from self._generate(request, cancelled, queued_s)
+        except Abandoned:  # the client left while queued
+            return
 
-    def complete(self, request: GenerationRequest, gone: Callable[[], bool]) -> dict:
-        """Generate the whole answer; raises ClientGone (and stops) if `gone()` turns true."""
-        shape = ResponseShape(request.kind, request.model)
-        texts = []
-        chunks = self._chunks(request, gone)
+    def _generate(self, request: GenerationRequest, cancelled: threading.Event, queued_s: float,
+                  ) -> Iterator[str | Outcome]:
+        chunks = self.engine.stream(request.prompt, request.params, enable_cache=self.config.enable_cache,
+                                    namespace=request.namespace, recompute=request.recompute)
         try:
             for chunk in chunks:
-                texts.append(chunk.text)
-                if chunk.usage is not None:
-                    return shape.completion("".join(texts), chunk.finish_reason, chunk.usage)
-        finally:
-            chunks.close()
-        raise AssertionError("a stream always ends with a usage chunk")  # pragma: no cover
-
-    def stream(self, request: GenerationRequest) -> Iterator[dict]:
-        """The answer as OpenAI stream chunks. The first is produced only once the first token is
-        (so that a bad prompt is still a plain 400); closing the iterator stops generation."""
-        shape = ResponseShape(request.kind, request.model)
-        usage = request.include_usage
-        chunks = self._chunks(request)
-        try:
-            first = next(chunks)
-            if request.kind == "chat":
-                yield shape.chunk("", role=True, include_usage=usage)
-            for chunk in _prepend(first, chunks):
+                if cancelled.is_set():
+                    return
+                if self.aborting.is_set():
+                    raise ApiError(503, "the server is shutting down; the request was stopped")
                 if chunk.text:
-                    yield shape.chunk(chunk.text, include_usage=usage)
+                    yield chunk.text
                 if chunk.usage is not None:
-                    yield shape.chunk(None, chunk.finish_reason, include_usage=usage)
-                    if usage:
-                        yield shape.usage_chunk(chunk.usage)
+                    self.metrics.completed(chunk.usage, queued_s)
+                    yield Outcome(chunk.finish_reason, chunk.usage, self._keep(request, chunk.usage))
         finally:
             chunks.close()
 
-    def _chunks(self, request: GenerationRequest, gone: Callable[[], bool] | None = None) -> Iterator[Chunk]:
-        """`engine.stream` under a run slot; the engine's stream is closed on any exit."""
-        with self._admit() as queued_s:
-            chunks = self.engine.stream(request.prompt, request.params, enable_cache=self.config.enable_cache,
-                                        namespace=request.namespace, recompute=request.recompute)
-            try:
-                for chunk in chunks:
-                    if gone is not None and gone():
-                        self.metrics.cancelled()
-                        raise ClientGone()
-                    if self.aborting.is_set():
-                        raise ApiError(503, "the server is shutting down; the request was stopped")
-                    if chunk.usage is not None:
-                        self.metrics.completed(chunk.usage, queued_s)
-                    yield chunk
-            finally:
-                chunks.close()
+    def complete(self, request: GenerationRequest, cancelled: threading.Event) -> tuple[str, Outcome] | None:
+        """The whole answer and its outcome; None when cancelled."""
+        texts, outcome = [], None
+        for piece in self.run(request, cancelled):
+            if isinstance(piece, Outcome):
+                outcome = piece
+            else:
+                texts.append(piece)
+        return None if outcome is None else ("".join(texts), outcome)
+
+    def _keep(self, request: GenerationRequest, usage: Usage) -> CacheReport:
+        """Keep the chat's states up to its breakpoints (if any); the prompt's reads, writes and input."""
+        kept = []
+        if request.breakpoints and request.kind == "chat" and self.config.enable_cache:
+            kept = self.engine.keep_prefix(request.prompt, request.breakpoints, request.namespace)
+        return cache_report(usage.input_tokens, usage.cached_tokens, kept)
 
     @contextmanager
-    def _admit(self) -> Iterator[float]:
+    def admit(self, cancelled: threading.Event | None = None) -> Iterator[float]:
         """A run slot (yields the seconds queued); a full gate is a 503."""
         try:
-            with self.gate.slot() as queued_s:
+            with self.gate.slot(cancelled) as queued_s:
                 yield queued_s
         except Busy as e:  # only the gate raises it, when admitting
             raise ApiError(503, str(e), code="server_busy") from None
@@ -191,8 +197,3 @@ class Service:
             "schemas": ("Schemas added.", {(): len(self.engine.schemas)}),
         }
         return self.metrics.render(gauges)
-
-
-def _prepend(first: Chunk, rest: Iterator[Chunk]) -> Iterator[Chunk]:
-    yield first
-    yield from rest

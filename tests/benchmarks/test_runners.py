@@ -52,3 +52,22 @@ def test_gaps_runner(tmp_path):
             assert row["agreement"] == 1.0 and row["top1_agreement"] == 1.0 and row["max_abs_logit_diff"] < 1e-3
         else:  # position gaps and stale context change the logits (never bit-identical)
             assert row["max_abs_logit_diff"] > 1e-4
+
+
+def test_threads_runner(tmp_path, monkeypatch):
+    import torch
+
+    from benchmarks import threads
+
+    monkeypatch.setenv("PROMPTCACHE_CACHE_DIR", str(tmp_path / "cache"))
+    before = torch.get_num_threads()
+    try:
+        assert threads.main(["--model", "tiny", "--quick", "--conditions", "loaded,as-is", "--out", str(tmp_path)]) == 0
+    finally:
+        torch.set_num_threads(before)
+    (result,) = tmp_path.glob("threads-tiny-*.json")
+    rows = json.loads(result.read_text())["rows"]
+    assert [(r["condition"], r["setting"]) for r in rows] == [
+        (c, s) for c in ("loaded", "as-is") for s in ("1 thread", "torch default", "auto")]
+    assert all(r["cached_ttft_ms"] > 0 and r["threads"] >= 1 for r in rows)
+    assert rows[0]["cached_vs_one"] == 1.0

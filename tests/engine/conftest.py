@@ -8,7 +8,8 @@ import pytest
 
 import promptcache as pc
 
-ARCHS = ("llama", "falcon", "mpt", "mistral", "qwen2")  # the three, and two more RoPE families
+ARCHS = ("llama", "falcon", "mpt", "mistral", "qwen2", "gemma3")  # the three, two more RoPE families, and
+# Gemma 3 (local layers with an 8-position window, a global layer)
 
 
 @functools.cache

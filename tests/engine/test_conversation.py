@@ -32,7 +32,8 @@ def test_each_turn_reuses_the_previous(conv):
     us = conv.usages
     assert len(us) == len(TURNS) and us[0].cached_tokens == 0
     for prev, cur in pairwise(us):
-        assert cur.cached_tokens >= prev.input_tokens
+        # the previous prompt and its answer, as generated (the last answer token was never fed)
+        assert cur.cached_tokens >= prev.input_tokens + prev.output_tokens - 1
         assert cur.input_tokens > prev.input_tokens
 
 
@@ -56,6 +57,30 @@ def test_plot_usage_writes_png(conv, tmp_path):
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+def test_plot_usage_has_integer_turns_a_title_and_every_series_in_the_legend(conv, tmp_path, monkeypatch):
+    pytest.importorskip("matplotlib")
+    import matplotlib.pyplot as plt
+
+    seen = {}
+    monkeypatch.setattr(plt, "close", lambda fig: seen.setdefault("fig", fig))
+    conv.plot_usage(tmp_path / "u.png")
+    ax = seen["fig"].axes[0]
+    assert [t.get_text() for t in ax.get_xticklabels()] == ["1", "2", "3"]
+    assert ax.get_title() == "Chat usage per turn (3 turns)"
+    assert [t.get_text() for t in ax.get_legend().get_texts()] == [
+        "input: cache read", "input: computed", "cache write", "output", "time to first token", "total latency"]
+
+
+def test_plot_usage_without_matplotlib_names_the_extra(conv, tmp_path, monkeypatch):
+    import sys
+
+    from promptcache.errors import PromptCacheError
+
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib -> ImportError
+    with pytest.raises(PromptCacheError, match=r'plot_usage needs matplotlib.*pip install "promptcache\[plot\]"'):
+        conv.plot_usage(tmp_path / "u.png")
+
+
 def test_turns_equal_uncached_generate(conv):
     engine = conv.engine
     replies = [m for m in conv.messages if m["role"] == "assistant"]
@@ -75,3 +100,44 @@ def test_namespace_and_no_system():
     b = engine.chat(namespace="b")
     other = b.send("Plan a trip.", max_new_tokens=N)
     assert other.usage.cached_tokens == 0 and other.token_ids == first.token_ids
+
+
+def test_a_stateless_chat_reads_the_answer_it_generated():
+    engine = make_engine("qwen2")  # a template-less tiny model: turn by turn
+    first = [{"role": "user", "content": "Plan a trip."}]
+    out = engine.generate(first, max_new_tokens=N)
+    again = [*first, {"role": "assistant", "content": out.text}, {"role": "user", "content": "Why?"}]
+    fed = engine.plan(again).token_ids
+    prompt = engine.plan(first).token_ids
+    assert fed[:len(prompt) + len(out.token_ids)] == prompt + out.token_ids  # the generated ids, not re-tokenized
+    reply = engine.generate(again, max_new_tokens=N)
+    assert reply.usage.cached_tokens >= len(prompt) + len(out.token_ids) - 1
+    assert engine.answers.get("tenant-b", out.text) is None  # another tenant's answers are not looked up
+    assert engine.generate(again, max_new_tokens=N, enable_cache=False).token_ids == reply.token_ids
+
+
+def test_the_answer_memory_keeps_only_ids_that_spell_the_text():
+    from promptcache.engine.answers import AnswerMemory
+
+    engine = make_engine("llama")
+    tok = engine.tokenizer
+    memory = AnswerMemory(tok, max_entries=2)
+    ids = tok.encode("Hello there", add_special_tokens=False)
+    assert memory.remember("", "Hello there", ids) and memory.get("", "Hello there") == tuple(ids)
+    assert not memory.remember("", "Hello", ids)  # ids that decode to other text
+    assert memory.get("", "Hello") is None and memory.get("b", "Hello there") is None
+    memory.remember("", "a", tok.encode("a", add_special_tokens=False))
+    memory.remember("", "b", tok.encode("b", add_special_tokens=False))
+    assert memory.get("", "Hello there") is None and len(memory) == 2  # least recently used dropped
+
+
+def test_a_conversation_reads_its_answers_even_when_the_engine_forgot_them():
+    from promptcache.engine.answers import AnswerMemory
+
+    engine = make_engine("qwen2")
+    engine.answers = AnswerMemory(engine.tokenizer, max_entries=1)  # room for one answer only
+    a, b = engine.chat(), engine.chat()
+    first = a.send("Plan a trip.", max_new_tokens=N)
+    b.send("Something else entirely.", max_new_tokens=N)  # pushes a's answer out of the engine's memory
+    second = a.send("Why?", max_new_tokens=N)
+    assert second.usage.cached_tokens >= first.usage.input_tokens + first.usage.output_tokens - 1

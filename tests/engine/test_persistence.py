@@ -245,3 +245,26 @@ def test_the_chat_formats_every_field_is_part_of_the_identity():
     for field, value in changes.items():
         seen.add(pc.Engine(model, tok, chat_format=replace(base, **{field: value}), progress=False).identity["chat"])
     assert len(seen) == 1 + len(changes)
+
+
+def test_schema_added_says_what_was_encoded_loaded_and_saved(tmp_path):
+    first = _engine("llama", tmp_path)
+    layout = first.add_schema(DOCS)
+    added = first.schema_added(layout.name)
+    assert set(added.encoded) == _cacheable(layout) and added.loaded == ()
+    assert added.encode_s > 0 and added.stored_encode_s == 0 and added.seconds >= added.encode_s
+    second = _engine("llama", tmp_path)
+    second.add_schema(DOCS)
+    again = second.schema_added(layout.name)
+    assert again.encoded == () and set(again.loaded) == _cacheable(layout)
+    # each file records its module's share of the encode time: together, the first engine's encode time
+    assert again.stored_encode_s == pytest.approx(added.encode_s, rel=1e-3, abs=1e-3)
+    with pytest.raises(PromptError, match="unknown schema 'nope'"):
+        second.schema_added("nope")
+
+
+def test_schema_added_without_a_store_encodes_every_time():
+    engine = make_engine("llama")
+    layout = engine.add_schema(DOCS)
+    assert set(engine.schema_added(layout.name).encoded) == _cacheable(layout)
+    assert make_engine("llama").add_schema(DOCS) and engine.schema_added(layout.name).loaded == ()

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import inspect
+
 import torch
+from transformers.cache_utils import DynamicCache
 
 from promptcache.markup.layout import ROOT
 
@@ -36,11 +39,17 @@ EMPTY = """
 
 
 def plain_states(engine, token_ids, positions):
-    """A plain transformers forward: the cache it fills (layers[i].keys: [1, kv_heads, seq, head_dim])."""
+    """A plain transformers forward: the cache it fills (layers[i].keys: [1, kv_heads, seq, head_dim]).
+
+    NOTE: a `DynamicCache` without the config keeps every key of every layer; built from a config with
+    sliding-window layers (the model's default) it keeps only the last window's keys of those.
+    """
     ids = torch.tensor([token_ids], dtype=torch.long)
     pos = torch.tensor([positions], dtype=torch.long)
+    cache_arg = "cache" if "cache" in inspect.signature(engine.model.forward).parameters else "past_key_values"
     with torch.inference_mode():
-        return engine.model(input_ids=ids, position_ids=pos, use_cache=True).past_key_values
+        out = engine.model(input_ids=ids, position_ids=pos, use_cache=True, **{cache_arg: DynamicCache()})
+    return out.past_key_values if out.past_key_values is not None else out.cache
 
 
 def assert_states_match(stored, cache, index):

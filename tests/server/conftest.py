@@ -62,7 +62,7 @@ class ServerProcess:
         try:
             conn.request(method, path, body=body, headers=headers)
             resp = conn.getresponse()
-            return Response(resp.status, dict(resp.getheaders()), resp.read())
+            return Response(resp.status, resp.msg, resp.read())
         finally:
             conn.close()
 
@@ -100,8 +100,8 @@ class Response:
         return json.loads(self.body)
 
 
-def start_server(*args: str, key: str | None = None) -> ServerProcess:
-    """`promptcache serve ARGS --port 0` (plus `--api-key key`), ready to serve."""
+def start_server(*args: str, key: str | None = None, wait_ready: bool = True) -> ServerProcess:
+    """`promptcache serve ARGS --port 0` (plus `--api-key key`), listening, and (`wait_ready`) loaded."""
     log = Path(tempfile.mkstemp(prefix="promptcache-serve-", suffix=".log")[1])
     cmd = [sys.executable, "-m", "promptcache", "serve", "--port", "0", "--device", "cpu", *args]
     env = dict(os.environ, TOKENIZERS_PARALLELISM="false")
@@ -112,7 +112,25 @@ def start_server(*args: str, key: str | None = None) -> ServerProcess:
         proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=err, env=env)
     line = _ready_line(proc, log)
     model, host, port = READY.search(line).groups()
-    return ServerProcess(proc, host, int(port), model, key, log)
+    server = ServerProcess(proc, host, int(port), model, key, log)
+    if wait_ready:
+        _wait_ready(server)
+    return server
+
+
+def _wait_ready(server: ServerProcess) -> None:
+    """The server listens at once and answers /health 503 "loading" until the model is ready."""
+    deadline = time.monotonic() + START_TIMEOUT_S
+    while time.monotonic() < deadline:
+        resp = server.request("GET", "/health", key=None)
+        if resp.status == 200:
+            return
+        assert resp.status == 503 and resp.json()["status"] == "loading", resp.body
+        if server.proc.poll() is not None:
+            break
+        time.sleep(0.1)
+    server.proc.kill()
+    raise RuntimeError(f"the server did not get ready; log:\n{server.log_text()[-3000:]}")
 
 
 def _ready_line(proc: subprocess.Popen, log: Path) -> str:

@@ -1,0 +1,1 @@
+"""Pieces of `benchmarks/serve.py`: workloads, streamed HTTP clients, server processes, statistics."""
