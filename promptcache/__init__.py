@@ -25,6 +25,7 @@ if TYPE_CHECKING:  # pragma: no cover
     from . import testing
     from .engine.engine import Engine
     from .engine.generate import SamplingParams
+    from .engine.scheduler import Scheduler
     from .engine.usage import Chunk, Completion, Usage
 
 __version__ = "0.1.0"
@@ -33,7 +34,7 @@ __version__ = "0.1.0"
 _LAZY = {
     "Engine": ".engine.engine", "SamplingParams": ".engine.generate", "Chunk": ".engine.usage",
     "Completion": ".engine.usage", "Usage": ".engine.usage", "Recompute": ".engine.recompute",
-    "testing": ".testing",
+    "Scheduler": ".engine.scheduler", "testing": ".testing",
 }
 
 
@@ -48,7 +49,7 @@ def __getattr__(name: str):
 
 __all__ = [
     "BUILTIN_FORMATS", "ChatFormat", "Chunk", "Completion", "Engine", "Module", "Param", "Prompt",
-    "PromptCacheError", "PromptError", "Recompute", "RoleBlock", "SamplingParams", "Schema", "SchemaBuilder",
-    "SchemaError", "Selection", "StoreError", "Text", "Union", "Usage", "make_prompt", "parse_prompt", "parse_schema",
-    "prompt_to_xml", "schema_to_xml", "select", "testing",
+    "PromptCacheError", "PromptError", "Recompute", "RoleBlock", "SamplingParams", "Scheduler", "Schema",
+    "SchemaBuilder", "SchemaError", "Selection", "StoreError", "Text", "Union", "Usage", "make_prompt",
+    "parse_prompt", "parse_schema", "prompt_to_xml", "schema_to_xml", "select", "testing",
 ]

@@ -73,7 +73,12 @@ class Decoder:
     def feed_pending(self) -> None:
         """Run the pending token through the model (one request, one token)."""
         token, pos = self.pending()
+        self.reserve()
         self.advance(self.adapter.decode(token, pos, self.pre.cache, self.pre.key_positions, self.fed))
+
+    def reserve(self) -> None:
+        """Make room in the cache for the pending token (the cache grows as tokens are generated)."""
+        self.pre.cache.reserve(self.fed + 1)
 
     def step(self) -> int | None:
         """Generate one token; None when generation ended without one (EOS, stop id, no budget)."""

@@ -50,10 +50,12 @@ from .plain import plain_plan
 from .prefill import CacheSpec, Prefill, prefill_full, prefill_modules, prefill_prefix
 from .recompute import DEFAULT_RECOMPUTE, Recompute, plan_blend, recompute_policy, recomputes_all
 from .request import RequestPlan, make_plan
+from .scheduler import DEFAULT_KV_BUDGET_BYTES, DEFAULT_MAX_BATCH, DEFAULT_PREFILL_CHUNK, Scheduler
 from .usage import Chunk, Completion, Usage
 
 logger = logging.getLogger(__name__)
 
+INITIAL_ROOM = 64  # generated tokens a request cache has room for before it first grows (`kv.cache`)
 WARM_UP_PROMPT = "Hello, how are you today?"  # several tokens with any tokenizer (`Engine.warm_up`)
 
 
@@ -97,6 +99,12 @@ class Engine:
             (`models.int8`; CPU, bfloat16 models): several times faster per weight than bfloat16's
             one-row matmul, at +50% weight memory and per-channel int8 error in decoded tokens.
             Converts the model's `nn.Linear` layers in place.
+        max_batch / kv_budget_bytes / prefill_chunk: continuous batching (`engine.scheduler`):
+            `generate` and `stream` calls from any number of threads run as one batch of at most
+            `max_batch` requests, whose decode steps share one forward; running requests reserve at
+            most `kv_budget_bytes` of request cache in all (a request that would need more waits, one
+            that never fits is refused); while requests decode, a prefill runs `prefill_chunk` prompt
+            tokens per step.
     """
 
     def __init__(self, model, tokenizer, *, device: str | torch.device | None = None,
@@ -107,7 +115,8 @@ class Engine:
                  pool_blocks: int | None = None, fingerprint: str = "full", progress: bool = True,
                  recompute: float | Recompute = DEFAULT_RECOMPUTE, param_filler: str = " ",
                  pad_arguments: bool = True, compile_decode: bool = False, int8_decode: bool = False,
-                 module_budget_bytes: int | None = None):
+                 module_budget_bytes: int | None = None, max_batch: int = DEFAULT_MAX_BATCH,
+                 kv_budget_bytes: int = DEFAULT_KV_BUDGET_BYTES, prefill_chunk: int = DEFAULT_PREFILL_CHUNK):
         ttl_s = checks.optional_seconds("ttl_s", ttl_s)
         prefix_budget_bytes = checks.optional_count("prefix_budget_bytes", prefix_budget_bytes)
         pool_blocks = checks.optional_count("pool_blocks", pool_blocks)
@@ -153,6 +162,8 @@ class Engine:
         self.responses = ResponseCache(response_cache_dir, ttl_s) if response_cache_dir is not None else None
         self._identity = None
         self.answers = AnswerMemory(tokenizer)  # a chat answer's generated ids, for the next turn's prefix match
+        self.scheduler = Scheduler(self, max_batch=max_batch, kv_budget_bytes=kv_budget_bytes,
+                                   prefill_chunk=prefill_chunk)
 
     @property
     def identity(self) -> dict[str, str]:
@@ -262,7 +273,8 @@ class Engine:
         capacity = plan.capacity(max_new_tokens)
         tokens = plan.tokens
         if plan.source == "none":
-            return self._pooled(prefill_full(self.adapter, self._spec(None, capacity), tokens.token_ids))
+            spec = self._spec(None, capacity, len(tokens.token_ids))
+            return self._pooled(prefill_full(self.adapter, spec, tokens.token_ids))
         if plan.source == "prefix":
             with self.prefix.match(tokens.token_ids, plan.namespace) as match:
                 return self._after_prefix(plan, match, capacity)
@@ -271,7 +283,7 @@ class Engine:
             with self.prefix.match(tokens.token_ids, plan.namespace) as match:
                 if match.length >= _spliced_end(tokens):
                     return self._after_prefix(plan, match, capacity)
-        spec = self._spec(Reuse("modules"), capacity)
+        spec = self._spec(Reuse("modules"), capacity, len(tokens.token_ids))
         checkout = self.modules.checkout(plan.schema, tokens.cached)
         blend = plan_blend(policy, plan.schema, tokens, list(checkout.states), self.adapter)
         pre = prefill_modules(self.adapter, spec, list(checkout.states), tokens.new_token_ids,
@@ -280,14 +292,17 @@ class Engine:
         pre.modules_hit = tuple(p for p in tokens.cached if p not in checkout.written)
         return self._pooled(pre)
 
-    def _spec(self, reuse: Reuse | None, capacity: int) -> CacheSpec:
-        """A request cache of `capacity` slots; `reuse`: what a warm block may hand over (kv.warm)."""
-        return CacheSpec(functools.partial(self._new_cache, reuse=reuse), self.device, capacity)
+    def _spec(self, reuse: Reuse | None, capacity: int, prompt_tokens: int) -> CacheSpec:
+        """A request cache for `capacity` slots (the prompt's `prompt_tokens` and what may be generated), whose
+        block starts with room for the prompt and `INITIAL_ROOM` more and grows as tokens are generated;
+        `reuse`: what a warm block may hand over (kv.warm)."""
+        initial = min(capacity, prompt_tokens + INITIAL_ROOM)
+        return CacheSpec(functools.partial(self._new_cache, reuse=reuse, initial=initial), self.device, capacity)
 
     def _after_prefix(self, plan: RequestPlan, match: PrefixMatch, capacity: int) -> Prefill:
         """Prefill `plan`'s tokens after the prefix-tree `match`: the full prefill of its text."""
         ids = plan.token_ids
-        spec = self._spec(Reuse("prefix", plan.namespace, ids[:-1]), capacity)
+        spec = self._spec(Reuse("prefix", plan.namespace, ids[:-1]), capacity, len(ids))
         # the last token is computed: its logits start the answer
         parts = _first_tokens(match.states, min(match.length, len(ids) - 1))
         return self._pooled(prefill_prefix(self.adapter, spec, ids, parts))
@@ -369,28 +384,23 @@ class Engine:
             yield hit.text
             yield hit
             return
-        ttft = None
-        with self.prefill(plan, params.max_new_tokens, recompute=policy or 0.0) as pre:
-            decoder = self.decoder(plan, pre, params)
-            while not decoder.finished:
-                if decoder.step() is not None and ttft is None:
-                    ttft = time.perf_counter() - t0
-                if stream:
-                    yield decoder.delta()
-            written = self._remember_prefix(plan, pre, decoder)
-        total = time.perf_counter() - t0
-        usage = Usage(len(plan.token_ids), pre.cached_tokens, pre.written_tokens + written, len(decoder.token_ids),
-                      ttft or total, total, pre.modules_hit, pre.modules_written,
-                      recomputed_tokens=pre.recomputed_tokens)
-        out = Completion(decoder.text, tuple(decoder.token_ids), usage, decoder.finish_reason)
-        if plan.schema is None and not isinstance(prompt, str):  # a chat: its next turn will send this text
-            self.answers.remember(namespace, out.text, out.token_ids)
-        if rkey is not None:
-            self.responses.put(rkey, {"text": out.text, "token_ids": list(out.token_ids),
-                                      "finish_reason": out.finish_reason, "usage": usage.to_dict()})
-        yield out
+        request = self.scheduler.submit(plan, params, policy, t0=t0)
+        try:
+            for item in request:
+                if isinstance(item, Completion):
+                    if plan.schema is None and not isinstance(prompt, str):  # a chat: its next turn sends this text
+                        self.answers.remember(namespace, item.text, item.token_ids)
+                    if rkey is not None:
+                        self.responses.put(rkey, {"text": item.text, "token_ids": list(item.token_ids),
+                                                  "finish_reason": item.finish_reason,
+                                                  "usage": item.usage.to_dict()})
+                    yield item
+                elif stream:
+                    yield item
+        finally:
+            self.scheduler.cancel(request)  # a caller that stopped reading: it leaves the batch, its cache freed
 
-    def _remember_prefix(self, plan: RequestPlan, pre: Prefill, decoder: Decoder) -> int:
+    def remember_prefix(self, plan: RequestPlan, pre: Prefill, decoder: Decoder) -> int:
         """Store a plain prompt's or chat's states (and the reply's) for the next request, and a PML prompt's
         when they are its full prefill's (every stale state recomputed); prompt tokens written."""
         if self.prefix is None or plan.source == "none" or not pre.exact:  # prefix prefills are exact
@@ -434,10 +444,13 @@ class Engine:
 
     # ---- request caches --------------------------------------------------------------------
 
-    def _new_cache(self, parts: Sequence[KVStates], capacity: int, reuse: Reuse | None = None) -> RequestCache:
-        """A pooled request cache holding `parts` back to back (none: empty), room for `capacity` tokens;
-        with `reuse`, a warm block continues in place where it holds the same start."""
+    def _new_cache(self, parts: Sequence[KVStates], capacity: int, reuse: Reuse | None = None,
+                   initial: int | None = None) -> RequestCache:
+        """A pooled request cache holding `parts` back to back (none: empty), room for `initial` tokens
+        (default `capacity`) that grows up to `capacity`; with `reuse`, a warm block continues in place
+        where it holds the same start."""
         kv_heads, head_dim = self.adapter.kv_geometry
+        capacity = capacity if initial is None else min(capacity, initial)
         return request_cache(parts, capacity, num_layers=self.adapter.num_layers, kv_heads=kv_heads,
                              head_dim=head_dim, device=self.device, dtype=self.adapter.dtype, pool=self.pool,
                              reuse=reuse)

@@ -20,6 +20,7 @@ import torch
 
 from ..kv.cache import RequestCache
 from ..kv.states import KVStates
+from .turns import chunk_size
 
 CHUNK = 1024  # tokens per forward when prefilling a long run (bounds attention memory)
 
@@ -83,11 +84,12 @@ def run_chunks(adapter, ids: torch.Tensor, key_positions: torch.Tensor, start: i
     `cache` holds `start` keys; key_positions[:start + q] is the position of every key once all of
     `ids` ran (the queries' own positions are key_positions[start:start + q]).
     """
-    logits, chunk = None, chunk or CHUNK  # NOTE: read at call time, so CHUNK can be changed
-    for a in range(0, ids.shape[1], chunk):
-        b = min(a + chunk, ids.shape[1])
+    logits, chunk, a = None, chunk or CHUNK, 0  # NOTE: CHUNK read at call time, so it can be changed
+    while a < ids.shape[1]:
+        b = min(a + chunk_size(chunk), ids.shape[1])  # a scheduler's turn may ask for a smaller chunk
         logits = adapter.forward(ids[:, a:b], key_positions[start + a:start + b], key_positions[:start + b],
                                  cache, logits_to_keep=logits_to_keep)
+        a = b
     return logits
 
 

@@ -377,10 +377,8 @@ class Blend:
             probe_forward(adapter, ids[:, a:b], k_pos[n_kept + a:n_kept + b], k_pos[:n_kept + b], cache, layer)
         slot = {i: n_kept + j for j, i in enumerate(rest)}
         slots = torch.tensor([slot[i] for i in cands], dtype=torch.long, device=k_pos.device)
-        fresh = [(cache.layers[la].k_buf[:, :, slots], cache.layers[la].v_buf[:, :, slots])
-                 for la in range(layer + 1)]
-        for la in cache.layers:
-            la.length = n_kept
+        fresh = [cache.read(la, slots) for la in range(layer + 1)]
+        cache.fill_to(n_kept)
         keys, values = self._stored(parts, cands, layer, k_pos.device)
         dk = (fresh[layer][0] - keys).float().pow(2).sum(dim=(0, 1, 3))  # [cands]
         dv = (fresh[layer][1] - values).float().pow(2).sum(dim=(0, 1, 3))
@@ -424,15 +422,13 @@ class Blend:
         if n:
             pick = torch.tensor(cols, dtype=torch.long, device=cache.block.device)
             gather = self._gather(idx, cache.block.device)
-            for la, layer in enumerate(cache.layers):
+            for la in range(len(cache.layers)):
                 if fresh is not None and la < len(fresh):
                     keys, values = fresh[la][0].index_select(2, pick), fresh[la][1].index_select(2, pick)
                 else:
                     keys, values = self._stored(parts, idx, la, cache.block.device, gather)
-                layer.k_buf[:, :, at:at + n].copy_(keys)
-                layer.v_buf[:, :, at:at + n].copy_(values)
-        for layer in cache.layers:
-            layer.length = at + n
+                cache.write(la, at, keys, values)
+        cache.fill_to(at + n)
         return at + n
 
 

@@ -6,9 +6,11 @@ states in (the one O(context) copy of a request), and then writes each new token
 keys/values the model sees are views of the buffer. Stored module states are only read, never
 written, so concurrent requests can share them.
 
-NOTE: a request cache never grows: its capacity is fixed when `request_cache` allocates it (the
-prompt plus the most tokens the request may generate), so the block the pool gets back is always
-the block it handed out. Writing past the capacity is a bug in the caller and fails an assertion.
+A request cache starts with room for its prompt and a few generated tokens, and grows as tokens
+are generated (`RequestCache.reserve`): memory follows the tokens actually generated, not
+`max_new_tokens`. Growing takes a bigger block from the pool, copies the filled slots once and gives
+the old block back (amortised: each growth adds a quarter of the capacity, at least `GROW_SLOTS`).
+Writing past the capacity without reserving is a bug in the caller and fails an assertion.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ from collections.abc import Sequence
 import torch
 from transformers.cache_utils import Cache, CacheLayerMixin
 
-from .pool import BufferPool
+from .pool import ROUND, BufferPool
 from .states import KVStates
 from .warm import Reuse
 
@@ -65,6 +67,10 @@ class SpliceLayer(CacheLayerMixin):
     def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
         return self.length + query_length, 0
 
+    def rebind(self, keys: torch.Tensor, values: torch.Tensor) -> None:
+        """Read and write another buffer from now on (it holds this layer's filled slots already)."""
+        self.k_buf, self.v_buf = keys, values
+
     def get_seq_length(self) -> int:
         return self.length
 
@@ -99,10 +105,62 @@ class RequestCache(Cache):
         self.reuse: Reuse | None = None
         self.runs: tuple[KVStates, ...] = ()
         self.kept = 0
+        self.pool: BufferPool = _UNPOOLED  # where a bigger block comes from when the cache grows
 
     @property
     def capacity(self) -> int:
         return self.block.shape[-2]
+
+    @property
+    def length(self) -> int:
+        """Filled slots (every layer holds as many)."""
+        return self.layers[0].length
+
+    @property
+    def nbytes(self) -> int:
+        return self.block.numel() * self.block.element_size()
+
+    def write(self, layer: int, at: int, keys: torch.Tensor, values: torch.Tensor) -> None:
+        """Put states [batch, kv_heads, n, head_dim] into slots at..at+n-1 of `layer` (filled counts unchanged:
+        `fill_to` sets them once every layer is written)."""
+        la = self.layers[layer]
+        assert at + keys.shape[-2] <= la.k_buf.shape[-2], "request cache overflow: reserve first"
+        la.k_buf[:, :, at:at + keys.shape[-2]].copy_(keys)
+        la.v_buf[:, :, at:at + values.shape[-2]].copy_(values)
+
+    def read(self, layer: int, slots: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Copies of the keys and values in `slots` (filled or not) of `layer`: [batch, kv_heads, len(slots), d]."""
+        la = self.layers[layer]
+        return la.k_buf[:, :, slots], la.v_buf[:, :, slots]
+
+    def fill_to(self, n: int) -> None:
+        """Every layer holds its first `n` slots from now on (later ones are free to overwrite)."""
+        assert n <= self.capacity, f"request cache overflow: {n} slots, capacity {self.capacity}"
+        for layer in self.layers:
+            layer.length = n
+
+    def append(self, states: torch.Tensor) -> None:
+        """Append states [2, layers, batch, kv_heads, n, head_dim] (keys, values) after the filled slots."""
+        at, n = self.length, states.shape[-2]
+        assert at + n <= self.capacity, f"request cache overflow: {at + n} slots, capacity {self.capacity}"
+        self.block[..., at:at + n, :].copy_(states)
+        self.fill_to(at + n)
+
+    def reserve(self, slots: int) -> None:
+        """Make room for `slots` slots in all: a bigger block (from the pool) when the block is full, with
+        the filled slots copied over; the old block goes back to the pool."""
+        if slots <= self.capacity:
+            return
+        old = self.block
+        grown = max(slots, self.capacity + max(GROW_SLOTS, self.capacity // 4))
+        two, layers, batch, kv_heads, _, head_dim = old.shape
+        new = self.pool.take(layers, batch, kv_heads, -(-grown // ROUND) * ROUND, head_dim, old.dtype, old.device)
+        n = self.length
+        new[..., :n, :].copy_(old[..., :n, :])
+        for i, layer in enumerate(self.layers):
+            layer.rebind(new[0, i], new[1, i])
+        self.block = new
+        self.pool.give(old)
 
     def states(self, token_ids: Sequence[int], positions: torch.Tensor, row: int = 0) -> KVStates:
         """The first `len(token_ids)` tokens of batch row `row` as `KVStates`: views of the block.
@@ -116,6 +174,7 @@ class RequestCache(Cache):
 
 
 _UNPOOLED = BufferPool(0)  # allocates exactly what is asked, keeps nothing
+GROW_SLOTS = 256  # the least a full request cache grows by (`RequestCache.reserve`)
 
 
 def request_cache(parts: Sequence[KVStates], capacity: int, *, num_layers: int, kv_heads: int, head_dim: int,
@@ -158,4 +217,5 @@ def request_cache(parts: Sequence[KVStates], capacity: int, *, num_layers: int, 
         positions = torch.cat([p.positions.to(block.device) for p in parts]) if parts else None
     cache = RequestCache(block, max(n, kept), positions)
     cache.reuse, cache.runs, cache.kept = reuse, tuple(parts), kept
+    cache.pool = pool or _UNPOOLED
     return cache

@@ -30,17 +30,23 @@ from .warm import Contents, Reuse, reusable
 ROUND = 256  # capacities are rounded up to this many tokens so that similar requests share blocks
 
 
+DEFAULT_POOL_BYTES = 256 << 20  # idle blocks kept, in bytes (`BufferPool.max_bytes`)
+
+
 class BufferPool:
-    """Idle blocks by geometry, at most `max_blocks` of them (least recently returned dropped first).
+    """Idle blocks by geometry, at most `max_blocks` of them and `max_bytes` in all (least recently
+    returned dropped first; a block bigger than `max_bytes` is never kept).
 
     Counters: `hits` / `misses` (takes served by an idle block / by a new one), `warm_hits` (takes
     that kept a warm block's contents) and `kept_tokens` (slots those kept, in all).
     """
 
-    def __init__(self, max_blocks: int = 4):
+    def __init__(self, max_blocks: int = 4, max_bytes: int | None = DEFAULT_POOL_BYTES):
         if isinstance(max_blocks, bool) or not isinstance(max_blocks, int) or max_blocks < 0:
             raise StoreError(f"pool_blocks must be an int >= 0 or None, got {max_blocks!r}")
-        self.max_blocks = max_blocks
+        if max_bytes is not None and (isinstance(max_bytes, bool) or not isinstance(max_bytes, int) or max_bytes < 0):
+            raise StoreError(f"pool_bytes must be an int >= 0 or None, got {max_bytes!r}")
+        self.max_blocks, self.max_bytes = max_blocks, max_bytes
         self._idle: list[torch.Tensor] = []  # oldest first
         self._contents: dict[int, Contents] = {}  # id(block) -> what it holds, for idle blocks with a record
         self._lock = threading.Lock()
@@ -89,19 +95,29 @@ class BufferPool:
             self._idle.append(block)
             if contents is not None:
                 self._contents[id(block)] = contents
-            for old in self._idle[: max(0, len(self._idle) - self.max_blocks)]:
+            drop = max(0, len(self._idle) - self.max_blocks)
+            if self.max_bytes is not None:
+                sizes = [_nbytes(b) for b in self._idle]
+                total = sum(sizes)
+                while drop < len(sizes) and total - sum(sizes[:drop]) > self.max_bytes:
+                    drop += 1
+            for old in self._idle[:drop]:
                 self._contents.pop(id(old), None)
-            del self._idle[: max(0, len(self._idle) - self.max_blocks)]
+            del self._idle[:drop]
 
     @property
     def idle_bytes(self) -> int:
         with self._lock:
-            return sum(b.numel() * b.element_size() for b in self._idle)
+            return sum(_nbytes(b) for b in self._idle)
 
     def clear(self) -> None:
         with self._lock:
             self._idle.clear()
             self._contents.clear()
+
+
+def _nbytes(block: torch.Tensor) -> int:
+    return block.numel() * block.element_size()
 
 
 def _same_device(a: torch.device, b: torch.device) -> bool:

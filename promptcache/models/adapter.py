@@ -36,11 +36,13 @@ import functools
 import inspect
 import logging
 import threading
+from collections.abc import Sequence
 from contextlib import contextmanager
 
 import torch
 
 from ..errors import PromptCacheError
+from .batched import DecodeRow, RowsCache, batch_of
 
 logger = logging.getLogger(__name__)
 
@@ -100,6 +102,7 @@ def grouped_attention(module, query: torch.Tensor, key: torch.Tensor, value: tor
     """
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
+    from .batched import current_rows, rows_attention
     from .compiled import BLOCK, FED, SINK, block_attention
 
     if kwargs.get(BLOCK) is not None:  # the compiled decode step (`compiled.CompiledDecode`)
@@ -109,8 +112,18 @@ def grouped_attention(module, query: torch.Tensor, key: torch.Tensor, value: tor
             kwargs.get("position_bias") is not None or kwargs.get("softcap"):
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout,
                                       scaling=scaling, **kwargs)
+    rows = current_rows()
+    if rows is not None:  # a batched decode step: each row over its own request cache (`batched`)
+        return rows_attention(module, query, scaling, rows,
+                              lambda q, k, v, mask: _grouped(q, k, v, mask, scaling)), None
+    return _grouped(query, key, value, attention_mask, scaling), None
+
+
+def _grouped(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, attention_mask: torch.Tensor | None,
+             scaling: float | None) -> torch.Tensor:
+    """A few queries as two grouped matmuls (see `grouped_attention`); [b, n, heads, d]."""
     # query: [b, heads, n, d]; key, value: [b, kv_heads, keys, d]; mask: [b or 1, 1 or heads, n, keys]
-    b, heads, _, d = query.shape
+    b, heads, n, d = query.shape
     groups, keys = key.shape[1], key.shape[2]
     q = query.reshape(b, groups, heads // groups * n, d)
     scores = torch.matmul(q, key.transpose(-1, -2)) * (d ** -0.5 if scaling is None else scaling)
@@ -122,7 +135,7 @@ def grouped_attention(module, query: torch.Tensor, key: torch.Tensor, value: tor
         scores = scores.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool else scores + mask
     probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(value.dtype)
     out = torch.matmul(probs.view(b, groups, heads // groups * n, keys), value)
-    return out.view(b, heads, n, value.shape[-1]).transpose(1, 2).contiguous(), None
+    return out.view(b, heads, n, value.shape[-1]).transpose(1, 2).contiguous()
 
 
 def _register_attention() -> None:
@@ -219,6 +232,38 @@ class Adapter:
             return self.compiled(token, position, cache, fed)
         ids = torch.tensor([[token]], dtype=torch.long, device=k_pos.device)
         return self.forward(ids, k_pos[fed:fed + 1], k_pos[:fed + 1], cache, logits_to_keep=1, in_order=True)[0, -1]
+
+    @property
+    def batches(self) -> bool:
+        """Whether `decode_rows` feeds several rows in one forward (the model's attention dispatches
+        through transformers' AttentionInterface to the engine's, and decoding is not compiled)."""
+        return self.model.config._attn_implementation == ATTENTION and self.compiled is None
+
+    @functools.cached_property
+    def layer_windows(self) -> tuple[int | None, ...]:
+        """Per decoder layer, its sliding window (in positions) or None (a global layer)."""
+        if self.window is None:
+            return (None,) * self.num_layers
+        if not self.layer_types:
+            return (self.window,) * self.num_layers
+        return tuple(self.window if kind == "sliding_attention" else None for kind in self.layer_types)
+
+    def decode_rows(self, rows: Sequence[DecodeRow]) -> torch.Tensor:
+        """Logits [rows, vocab] of each row's token after its own cache (`batched.DecodeRow`), in one
+        forward where the model allows (`batches`), else row by row. Each row's cache gets its token's
+        state in its next slot, and `key_positions[fed]` is set to its position."""
+        if len(rows) == 1 or not self.batches:
+            return torch.stack([self.decode(r.token, r.position, r.cache, r.key_positions, r.fed) for r in rows])
+        device = rows[0].key_positions.device
+        for r in rows:
+            r.key_positions[r.fed] = r.position
+        ids = torch.tensor([[r.token] for r in rows], dtype=torch.long, device=device)
+        pos = torch.tensor([[r.position] for r in rows], dtype=torch.long, device=device)
+        cache = RowsCache(rows, self.layer_windows)
+        with torch.inference_mode(), batch_of(cache):
+            out = self.model(input_ids=ids, position_ids=pos, use_cache=True, logits_to_keep=1,
+                             **{self.cache_arg: cache})
+        return out.logits[:, -1]
 
     @property
     def dtype(self) -> torch.dtype:

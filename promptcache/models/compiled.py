@@ -182,9 +182,8 @@ class CompiledDecode:
         else:
             with torch.inference_mode():
                 logits, new = self._steps[key](*args)
-        block[:, :, :, :, fed:fed + n].copy_(new)
-        for layer in cache.layers:
-            layer.length = fed + n
+        cache.fill_to(fed)
+        cache.append(new)
         return logits[0, -1]
 
     def _first(self, key: int, *args):
