@@ -40,7 +40,7 @@ from ..models.load import resolve_device
 from ..response_cache import ResponseCache
 from . import checks
 from .answers import AnswerMemory
-from .budget import ModuleBudget
+from .budget import DEFAULT_KV_BUDGET_BYTES, DEFAULT_MAX_BATCH, DEFAULT_PREFILL_CHUNK, ModuleBudget
 from .decoder import Decoder
 from .generate import SamplingParams, eos_ids
 from .identity import FINGERPRINTS, engine_identity
@@ -50,7 +50,7 @@ from .plain import plain_plan
 from .prefill import CacheSpec, Prefill, prefill_full, prefill_modules, prefill_prefix
 from .recompute import DEFAULT_RECOMPUTE, Recompute, plan_blend, recompute_policy, recomputes_all
 from .request import RequestPlan, make_plan
-from .scheduler import DEFAULT_KV_BUDGET_BYTES, DEFAULT_MAX_BATCH, DEFAULT_PREFILL_CHUNK, Scheduler
+from .scheduler import Scheduler
 from .usage import Chunk, Completion, Usage
 
 logger = logging.getLogger(__name__)

@@ -40,6 +40,7 @@ import torch
 
 from ..errors import PromptError
 from ..models.batched import DecodeRow
+from .budget import DEFAULT_KV_BUDGET_BYTES, DEFAULT_MAX_BATCH, DEFAULT_PREFILL_CHUNK
 from .generate import SamplingParams
 from .prefill import CHUNK, Prefill
 from .recompute import Recompute
@@ -49,9 +50,6 @@ from .usage import Completion, Usage
 
 logger = logging.getLogger(__name__)
 
-DEFAULT_MAX_BATCH = 16
-DEFAULT_KV_BUDGET_BYTES = 4 << 30
-DEFAULT_PREFILL_CHUNK = 64  # prompt tokens per step while other requests decode (measured: README, "Batching")
 IDLE_EXIT_S = 2.0  # the background thread exits after this long without work (a new request starts it)
 _LIVE: weakref.WeakSet[Scheduler] = weakref.WeakSet()  # schedulers whose thread may run (stopped at exit)
 

@@ -36,7 +36,7 @@ class ServerConfig:
     host: str = "127.0.0.1"
     port: int = 8000
     api_key: str | None = None
-    parallel: int = 4
+    parallel: int = 16
     max_queue: int = 64
     max_body_bytes: int = 16 << 20
     default_max_tokens: int = 256

@@ -22,7 +22,7 @@ import threading
 from collections.abc import Sequence
 from pathlib import Path
 
-from ..engine.budget import SERVER_MODULE_BUDGET_BYTES
+from ..engine.budget import DEFAULT_KV_BUDGET_BYTES, DEFAULT_PREFILL_CHUNK, SERVER_MODULE_BUDGET_BYTES
 from ..errors import PromptCacheError
 from ..markup.parse import is_pml, parse_schema
 from ..markup.xmlsafe import prolog_end
@@ -44,7 +44,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     s.add_argument("--api-key", default=os.environ.get(API_KEY_ENV),
                    help=f"require 'Authorization: Bearer KEY' (default: ${API_KEY_ENV}, else no key)")
     s.add_argument("--served-model-name", help="the model id clients send (default: the --model value)")
-    s.add_argument("--parallel", type=int, default=d.parallel, help=f"requests generating at once ({d.parallel})")
+    s.add_argument("--parallel", type=int, default=d.parallel,
+                   help=f"requests generating at once, their decode steps one batched forward ({d.parallel})")
     s.add_argument("--max-queue", type=int, default=d.max_queue,
                    help=f"requests waiting for a slot; more get 503 ({d.max_queue})")
     s.add_argument("--max-body-bytes", type=int, default=d.max_body_bytes, help="larger bodies get 413")
@@ -93,6 +94,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="torch.compile the decode step and the few-token step (a question after a cached "
                         "context), compiled before serving (minutes on a small CPU): faster tokens/s and "
                         "cached time to first token")
+    e.add_argument("--kv-budget-bytes", type=int, default=DEFAULT_KV_BUDGET_BYTES, metavar="N",
+                   help="request-cache memory running requests may reserve in all; a request that would "
+                        f"pass it waits (default: {DEFAULT_KV_BUDGET_BYTES >> 30} GiB)")
+    e.add_argument("--prefill-chunk", type=int, default=DEFAULT_PREFILL_CHUNK, metavar="TOKENS",
+                   help="prompt tokens prefilled per step while other requests decode: smaller keeps their "
+                        f"inter-token latency down while a long prompt is prefilled ({DEFAULT_PREFILL_CHUNK})")
     e.add_argument("--recompute", type=float, metavar="FRACTION",
                    help="of a PML prompt's stale spliced tokens (skipped modules, another union member, "
                         "arguments), the fraction to recompute, 0..1 (default: the engine's, 0); a request's "
@@ -110,7 +117,8 @@ def module_budget(text: str) -> int | None:
 
 
 def config_from_args(args: argparse.Namespace, model: str) -> ServerConfig:
-    for name in ("parallel", "max_body_bytes", "max_tokens", "max_connections", "stream_buffer"):
+    for name in ("parallel", "max_body_bytes", "max_tokens", "max_connections", "stream_buffer", "kv_budget_bytes",
+                 "prefill_chunk"):
         if getattr(args, name) < 1:
             raise PromptCacheError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
     if args.max_queue < 0 or not 0 <= args.port <= 65535:
@@ -137,7 +145,8 @@ def engine_kwargs(args: argparse.Namespace) -> dict:
     kwargs = dict(store_dir=store_dir, device_budget_bytes=args.device_budget_bytes,
                   host_budget_bytes=args.host_budget_bytes, prefix_cache=not args.no_prefix_cache,
                   ttl_s=args.ttl_s, int8_decode=args.int8_decode, compile_decode=args.compile_decode,
-                  module_budget_bytes=args.module_budget_bytes, progress=False)
+                  module_budget_bytes=args.module_budget_bytes, max_batch=args.parallel,
+                  kv_budget_bytes=args.kv_budget_bytes, prefill_chunk=args.prefill_chunk, progress=False)
     if args.prefix_budget_bytes is not None:  # else the engine's default bound
         kwargs["prefix_budget_bytes"] = args.prefix_budget_bytes
     if args.recompute is not None:  # else the engine's default
