@@ -21,9 +21,10 @@ from collections.abc import Iterator, Sequence
 
 import torch
 
+from ..embeddings import Embedder
 from ..errors import PromptError
 from ..kv.cache import RequestCache, request_cache
-from ..kv.disk import DiskStore, states_key
+from ..kv.disk import DiskStore
 from ..kv.pool import BufferPool
 from ..kv.prefix import DEFAULT_PREFIX_BUDGET_BYTES, PrefixMatch, PrefixTree
 from ..kv.states import KVStates
@@ -38,6 +39,7 @@ from ..markup.parse import is_pml, parse_prompt
 from ..models.adapter import adapter_for
 from ..models.load import resolve_device
 from ..response_cache import ResponseCache
+from ..response_match import DEFAULT_EMBEDDER, ResponseKey, ResponseReuse
 from . import checks
 from .decoder import Decoder
 from .generate import SamplingParams, eos_ids
@@ -66,6 +68,13 @@ class Engine:
         ttl_s: drop stored module states (and cached prefixes) idle for longer than this.
         store_dir: persist module states there (safetensors), keyed by everything they depend on.
         response_cache_dir: answer identical deterministic requests from disk (off by default).
+        response_match: what "identical" means there: "exact" token ids (default), "normalized" text, or
+            "semantic" (normalized, else the nearest cached request by meaning within `semantic_threshold`,
+            all else equal); see `promptcache.response_match`.
+        semantic_threshold: the least cosine similarity of a semantic match (None: the embedder's default,
+            the lowest with no wrong reuse on the shipped labelled set).
+        embedder: the sentence embedder of semantic matches and `retrieve`: "use-multilingual" (default),
+            "minilm", a checkpoint directory or a `promptcache.embeddings.Embedder`; loaded when first needed.
         prefix_cache: reuse the longest previously computed prefix of plain prompts and chats; also keeps
             the states of PML prompts whose stale states were all recomputed (`recompute=1.0`), so that the
             next such request of the same text computes only what follows them.
@@ -101,7 +110,9 @@ class Engine:
                  prefix_cache: bool = True, prefix_budget_bytes: int | None = DEFAULT_PREFIX_BUDGET_BYTES,
                  pool_blocks: int | None = None, fingerprint: str = "full", progress: bool = True,
                  recompute: float | Recompute = DEFAULT_RECOMPUTE, param_filler: str = " ",
-                 pad_arguments: bool = True, compile_decode: bool = False, int8_decode: bool = False):
+                 pad_arguments: bool = True, compile_decode: bool = False, int8_decode: bool = False,
+                 response_match: str = "exact", semantic_threshold: float | None = None,
+                 embedder: str | Embedder = DEFAULT_EMBEDDER):
         ttl_s = checks.optional_seconds("ttl_s", ttl_s)
         prefix_budget_bytes = checks.optional_count("prefix_budget_bytes", prefix_budget_bytes)
         pool_blocks = checks.optional_count("pool_blocks", pool_blocks)
@@ -142,6 +153,8 @@ class Engine:
         self._bos = leading_bos(tokenizer)  # prepended to plain prompts and chats
         self.prefix = PrefixTree(prefix_budget_bytes, ttl_s) if prefix_cache else None
         self.responses = ResponseCache(response_cache_dir, ttl_s) if response_cache_dir is not None else None
+        self.reuse = ResponseReuse(self.responses, response_match, semantic_threshold, embedder) \
+            if self.responses is not None else None
         self._identity = None
 
     @property
@@ -334,7 +347,7 @@ class Engine:
         t0 = time.perf_counter()
         policy = self._recompute_policy(recompute)
         plan = self.plan(prompt, enable_cache=enable_cache, namespace=namespace)
-        rkey = self._response_key(plan, params, policy)
+        rkey = self._response_key(plan, params, policy, prompt)
         if rkey is not None and (hit := self._cached_response(rkey, t0)) is not None:
             yield hit.text
             yield hit
@@ -354,8 +367,8 @@ class Engine:
                       recomputed_tokens=pre.recomputed_tokens)
         out = Completion(decoder.text, tuple(decoder.token_ids), usage, decoder.finish_reason)
         if rkey is not None:
-            self.responses.put(rkey, {"text": out.text, "token_ids": list(out.token_ids),
-                                      "finish_reason": out.finish_reason, "usage": usage.to_dict()})
+            self.reuse.remember(rkey, {"text": out.text, "token_ids": list(out.token_ids),
+                                       "finish_reason": out.finish_reason, "usage": usage.to_dict()})
         yield out
 
     def _remember_prefix(self, plan: RequestPlan, pre: Prefill, decoder: Decoder) -> int:
@@ -372,32 +385,35 @@ class Engine:
     # ---- response cache --------------------------------------------------------------------
 
     def _response_key(self, plan: RequestPlan, params: SamplingParams, policy: Recompute | None = None,
-                      ) -> str | None:
-        """Key on everything the answer depends on: the model, the exact tokens fed and how."""
+                      prompt=None) -> ResponseKey | None:
+        """Key on everything the answer depends on: the model, the exact tokens fed and how (`response_match`:
+        or the prompt's text, cleaned up)."""
         if self.responses is None or not params.deterministic:
             return None
         if policy is not None and callable(policy.rule) and plan.source == "modules":
             return None  # a rule of your own: no identity that would hold across runs
         contexts = [plan.schema.contexts[p] for p in plan.cached_modules]
-        return states_key(kind="promptcache.response", **self.identity, source=plan.source,
-                          token_ids=list(plan.token_ids), positions=list(plan.tokens.positions),
-                          new_positions=list(plan.tokens.new_positions) if plan.source == "modules" else [],
-                          modules=contexts, stop=list(plan.tokens.stop), params=params.key(),
-                          namespace=plan.namespace,
-                          recompute=repr(policy) if policy is not None and plan.source == "modules" else None)
+        common = dict(kind="promptcache.response", **self.identity, source=plan.source, modules=contexts,
+                      stop=list(plan.tokens.stop), params=params.key(), namespace=plan.namespace,
+                      recompute=repr(policy) if policy is not None and plan.source == "modules" else None)
+        exact = dict(token_ids=list(plan.token_ids), positions=list(plan.tokens.positions),
+                     new_positions=list(plan.tokens.new_positions) if plan.source == "modules" else [])
+        return self.reuse.key(common, exact, prompt)
 
-    def _cached_response(self, key: str, t0: float) -> Completion | None:
-        hit = self.responses.get(key)
-        if hit is None:
+    def _cached_response(self, key: ResponseKey, t0: float) -> Completion | None:
+        reused = self.reuse.lookup(key)
+        if reused is None:
             return None
+        hit = reused.payload
         try:
             n_in, n_out = int(hit["usage"]["input_tokens"]), int(hit["usage"]["output_tokens"])
             total = time.perf_counter() - t0
-            usage = Usage(n_in, n_in, 0, n_out, total, total, response_cached=True)
+            usage = Usage(n_in, n_in, 0, n_out, total, total, response_cached=True,
+                          response_similarity=reused.similarity)
             return Completion(str(hit["text"]), tuple(int(t) for t in hit["token_ids"]), usage,
                               str(hit["finish_reason"]))
         except (KeyError, TypeError, ValueError):
-            logger.warning("ignoring a malformed response-cache entry %s", key[:12])
+            logger.warning("ignoring a malformed response-cache entry %s", key.key[:12])
             return None
 
     # ---- request caches --------------------------------------------------------------------

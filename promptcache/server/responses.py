@@ -35,6 +35,8 @@ def usage_body(usage: Usage) -> dict:
             "ttft_s": round(usage.ttft_s, 6),
             "total_s": round(usage.total_s, 6),
             "response_cached": usage.response_cached,
+            "response_similarity": usage.response_similarity,
+            "modules_retrieved": list(usage.modules_retrieved),
         },
     }
 

@@ -37,3 +37,11 @@ def test_recompute_is_the_engines_default_unless_given_and_must_be_a_fraction():
     for bad in ("1.5", "-0.1", "nan"):
         with pytest.raises(PromptCacheError, match=r"--recompute must be a fraction in \[0, 1\]"):
             engine_kwargs(parse("--recompute", bad))
+
+
+def test_response_reuse_flags():
+    assert engine_kwargs(parse())["response_match"] == "exact"
+    kw = engine_kwargs(parse("--response-cache-dir", "/tmp/r", "--response-match", "semantic"))
+    assert (kw["response_cache_dir"], kw["response_match"]) == ("/tmp/r", "semantic")
+    with pytest.raises(SystemExit):
+        parse("--response-match", "fuzzy")
