@@ -35,6 +35,7 @@ logger = logging.getLogger(__name__)
 MATCHES = ("exact", "normalized", "semantic")
 # benchmarks/results/semantic-reuse.json: the lowest threshold with no false reuse, guards on, en + ko
 DEFAULT_THRESHOLDS = {USE_MULTILINGUAL: 0.90, MINILM: 0.83}
+OTHER_THRESHOLD = 0.95  # an embedder the labelled set has not measured
 DEFAULT_EMBEDDER = USE_MULTILINGUAL
 
 
@@ -93,7 +94,8 @@ class ResponseReuse:
         cache: the response cache.
         match: "exact", "normalized" or "semantic".
         threshold: the least cosine similarity of a semantic match (None: the embedder's default).
-        embedder: an embedder name (`embeddings.EMBEDDERS`), a checkpoint directory, or an `Embedder`.
+        embedder: an embedder name (`embeddings.EMBEDDERS`), a checkpoint directory, or an `Embedder`
+            (loaded only for "semantic").
         max_entries: the semantic index's bound.
 
     Raises:
@@ -107,7 +109,7 @@ class ResponseReuse:
         self.cache, self.match = cache, match
         self.embedder = self.index = None
         if threshold is None:
-            threshold = DEFAULT_THRESHOLDS.get(embedder if isinstance(embedder, str) else "", 0.95)
+            threshold = DEFAULT_THRESHOLDS.get(embedder if isinstance(embedder, str) else "", OTHER_THRESHOLD)
         if isinstance(threshold, bool) or not isinstance(threshold, (int, float)) or not 0 < threshold <= 1:
             raise PromptError(f"invalid semantic_threshold={threshold!r:.80}: must be a number in (0, 1]")
         self.threshold = float(threshold)

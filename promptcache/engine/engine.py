@@ -49,6 +49,7 @@ from .plain import plain_plan
 from .prefill import CacheSpec, Prefill, prefill_full, prefill_modules, prefill_prefix
 from .recompute import DEFAULT_RECOMPUTE, Recompute, plan_blend, recompute_policy, recomputes_all
 from .request import RequestPlan, make_plan
+from .retrieval import Embedding, ModuleIndex, retrieve_modules, with_retrieved
 from .usage import Chunk, Completion, Usage
 
 logger = logging.getLogger(__name__)
@@ -153,8 +154,11 @@ class Engine:
         self._bos = leading_bos(tokenizer)  # prepended to plain prompts and chats
         self.prefix = PrefixTree(prefix_budget_bytes, ttl_s) if prefix_cache else None
         self.responses = ResponseCache(response_cache_dir, ttl_s) if response_cache_dir is not None else None
-        self.reuse = ResponseReuse(self.responses, response_match, semantic_threshold, embedder) \
+        self.embedding = Embedding(embedder)
+        self.reuse = ResponseReuse(self.responses, response_match, semantic_threshold,
+                                   self.embedding.get() if response_match == "semantic" else embedder) \
             if self.responses is not None else None
+        self.retrieval = ModuleIndex(self.embedding.get, tokenizer, lambda: self.identity, store_dir)
         self._identity = None
 
     @property
@@ -185,11 +189,25 @@ class Engine:
         Adding a schema under a name already added replaces it atomically: requests planned before
         keep the version they were bound to; unchanged modules keep their states and pins.
         """
-        return self.modules.add(schema, base_dir)
+        layout = self.modules.add(schema, base_dir)
+        self.embedding.index(self.retrieval, self.modules.current(layout.name))
+        return layout
 
     def remove_schema(self, name: str) -> None:
         """Forget a schema; its modules' states leave memory (a disk store keeps its files)."""
+        version = self.modules.current(name)
         self.modules.remove(name)
+        self.retrieval.forget([version])
+
+    def retrieve(self, schema: str, question: str, k: int = 3) -> list[str]:
+        """The names of the `k` modules of `schema` nearest `question` by meaning, nearest first.
+
+        Candidates: top-level cached modules without parameters, outside unions (`engine.retrieval`).
+
+        Raises:
+            PromptError: an unknown schema, a bad `question` or `k`; EmbeddingError: no embedder.
+        """
+        return list(retrieve_modules(self.retrieval, self.modules.current(schema), question, k).names)
 
     def schema(self, name: str) -> SchemaLayout:
         """The current compiled layout of an added schema."""
@@ -232,8 +250,11 @@ class Engine:
             prompt = parse_prompt(prompt)
         elif isinstance(prompt, Prompt):
             check_prompt(prompt)  # parse_prompt checked text already; objects get the same rules
+        retrieved = ()
         if isinstance(prompt, Prompt):
             version = self.modules.current(prompt.schema)
+            if prompt.retrieve is not None:
+                prompt, retrieved = with_retrieved(self.retrieval, version, prompt)
             tokens = bind(prompt, version.layout, self.tokenizer, pad_arguments=self.pad_arguments)
             source = "modules" if enable_cache else "none"
         elif isinstance(prompt, str) or (isinstance(prompt, Sequence) and not isinstance(prompt, bytes)):
@@ -244,7 +265,7 @@ class Engine:
         else:
             raise PromptError(f"prompt must be PML text, a Prompt, plain text or a list of chat messages, "
                               f"got {type(prompt).__name__}")
-        return make_plan(tokens, source, version, namespace, self.adapter.max_positions)
+        return make_plan(tokens, source, version, namespace, self.adapter.max_positions, retrieved)
 
     def prefill(self, plan: RequestPlan, max_new_tokens: int = 1,
                 recompute: float | Recompute | None = None) -> Prefill:
@@ -348,7 +369,7 @@ class Engine:
         policy = self._recompute_policy(recompute)
         plan = self.plan(prompt, enable_cache=enable_cache, namespace=namespace)
         rkey = self._response_key(plan, params, policy, prompt)
-        if rkey is not None and (hit := self._cached_response(rkey, t0)) is not None:
+        if rkey is not None and (hit := self._cached_response(rkey, t0, plan.retrieved)) is not None:
             yield hit.text
             yield hit
             return
@@ -364,7 +385,7 @@ class Engine:
         total = time.perf_counter() - t0
         usage = Usage(len(plan.token_ids), pre.cached_tokens, pre.written_tokens + written, len(decoder.token_ids),
                       ttft or total, total, pre.modules_hit, pre.modules_written,
-                      recomputed_tokens=pre.recomputed_tokens)
+                      recomputed_tokens=pre.recomputed_tokens, modules_retrieved=plan.retrieved)
         out = Completion(decoder.text, tuple(decoder.token_ids), usage, decoder.finish_reason)
         if rkey is not None:
             self.reuse.remember(rkey, {"text": out.text, "token_ids": list(out.token_ids),
@@ -400,7 +421,7 @@ class Engine:
                      new_positions=list(plan.tokens.new_positions) if plan.source == "modules" else [])
         return self.reuse.key(common, exact, prompt)
 
-    def _cached_response(self, key: ResponseKey, t0: float) -> Completion | None:
+    def _cached_response(self, key: ResponseKey, t0: float, retrieved: tuple[str, ...] = ()) -> Completion | None:
         reused = self.reuse.lookup(key)
         if reused is None:
             return None
@@ -409,7 +430,7 @@ class Engine:
             n_in, n_out = int(hit["usage"]["input_tokens"]), int(hit["usage"]["output_tokens"])
             total = time.perf_counter() - t0
             usage = Usage(n_in, n_in, 0, n_out, total, total, response_cached=True,
-                          response_similarity=reused.similarity)
+                          response_similarity=reused.similarity, modules_retrieved=retrieved)
             return Completion(str(hit["text"]), tuple(int(t) for t in hit["token_ids"]), usage,
                               str(hit["finish_reason"]))
         except (KeyError, TypeError, ValueError):
