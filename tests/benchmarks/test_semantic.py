@@ -28,3 +28,16 @@ def test_scores_and_the_safe_threshold():
     assert (row["recall"], row["false_reuse"]) == (0.5, 1)
     rows = [scores(pairs, sims, False, t) for t in (0.8, 0.85, 0.9, 0.95)]
     assert safe_threshold(rows) == 0.9
+
+
+def test_retrieval_sets_label_existing_documents():
+    from benchmarks.retrieval import docqa_set, kb_set
+    from promptcache.markup.parse import parse_schema
+
+    for schema, rows in (kb_set(), docqa_set()):
+        parsed = parse_schema(schema)
+        names = {n.name for n in parsed.children if hasattr(n, "name")}
+        names |= {m.name for n in parsed.children for m in getattr(n, "children", ()) if hasattr(m, "name")}
+        assert rows and {r["doc"] for r in rows} <= names
+        assert all(r["schema"] == parsed.name for r in rows)
+    assert {r["lang"] for r in kb_set()[1]} == {"en", "ko"}
