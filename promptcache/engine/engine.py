@@ -49,7 +49,7 @@ from .plain import plain_plan
 from .prefill import CacheSpec, Prefill, prefill_full, prefill_modules, prefill_prefix
 from .recompute import DEFAULT_RECOMPUTE, Recompute, plan_blend, recompute_policy, recomputes_all
 from .request import RequestPlan, make_plan
-from .retrieval import Embedding, ModuleIndex, retrieve_modules, with_retrieved
+from .retrieval import DEFAULT_RETRIEVED_RECOMPUTE, Embedding, ModuleIndex, retrieve_modules, with_retrieved
 from .usage import Chunk, Completion, Usage
 
 logger = logging.getLogger(__name__)
@@ -76,6 +76,9 @@ class Engine:
             the lowest with no wrong reuse on the shipped labelled set).
         embedder: the sentence embedder of semantic matches and `retrieve`: "use-multilingual" (default),
             "minilm", a checkpoint directory or a `promptcache.embeddings.Embedder`; loaded when first needed.
+        retrieved_recompute: `recompute` for PML prompts with `retrieve="k"` (default 1.0: their modules'
+            states were encoded after documents the prompt skips; benchmarks/README.md, "Retrieved
+            documents"). A request's own `recompute` overrides it.
         prefix_cache: reuse the longest previously computed prefix of plain prompts and chats; also keeps
             the states of PML prompts whose stale states were all recomputed (`recompute=1.0`), so that the
             next such request of the same text computes only what follows them.
@@ -113,7 +116,8 @@ class Engine:
                  recompute: float | Recompute = DEFAULT_RECOMPUTE, param_filler: str = " ",
                  pad_arguments: bool = True, compile_decode: bool = False, int8_decode: bool = False,
                  response_match: str = "exact", semantic_threshold: float | None = None,
-                 embedder: str | Embedder = DEFAULT_EMBEDDER):
+                 embedder: str | Embedder = DEFAULT_EMBEDDER,
+                 retrieved_recompute: float | Recompute = DEFAULT_RETRIEVED_RECOMPUTE):
         ttl_s = checks.optional_seconds("ttl_s", ttl_s)
         prefix_budget_bytes = checks.optional_count("prefix_budget_bytes", prefix_budget_bytes)
         pool_blocks = checks.optional_count("pool_blocks", pool_blocks)
@@ -125,6 +129,7 @@ class Engine:
             raise PromptError(f"invalid fingerprint={fingerprint!r:.80}: must be one of {', '.join(FINGERPRINTS)}")
         self.fingerprint = fingerprint
         self.recompute = recompute_policy(recompute)  # None: splice stale states as stored
+        self.retrieved_recompute = recompute_policy(retrieved_recompute)
         if device is not None:
             model = model.to(resolve_device(device))
         self.model, self.tokenizer = model.eval(), tokenizer
@@ -274,7 +279,7 @@ class Engine:
         `recompute` overrides the engine's `recompute` for this request (None: the engine's).
         Close the result (or use it in a `with` block) when done: its cache goes back to the pool.
         """
-        policy = self._recompute_policy(recompute)
+        policy = self._recompute_policy(recompute, plan)
         capacity = plan.capacity(max_new_tokens)
         tokens = plan.tokens
         if plan.source == "none":
@@ -366,8 +371,9 @@ class Engine:
     def _run(self, prompt, params: SamplingParams, enable_cache: bool, namespace: str,
              stream: bool, recompute: float | Recompute | None = None) -> Iterator[str | Completion]:
         t0 = time.perf_counter()
-        policy = self._recompute_policy(recompute)
+        self._recompute_policy(recompute)  # a bad value fails before any work
         plan = self.plan(prompt, enable_cache=enable_cache, namespace=namespace)
+        policy = self._recompute_policy(recompute, plan)
         rkey = self._response_key(plan, params, policy, prompt)
         if rkey is not None and (hit := self._cached_response(rkey, t0, plan.retrieved)) is not None:
             yield hit.text
@@ -447,9 +453,13 @@ class Engine:
                              head_dim=head_dim, device=self.device, dtype=self.adapter.dtype, pool=self.pool,
                              reuse=reuse)
 
-    def _recompute_policy(self, value: float | Recompute | None) -> Recompute | None:
-        """A request's recompute policy: the engine's when `value` is None (PromptError when invalid)."""
-        return self.recompute if value is None else recompute_policy(value)
+    def _recompute_policy(self, value: float | Recompute | None, plan: RequestPlan | None = None,
+                          ) -> Recompute | None:
+        """A request's recompute policy: when `value` is None, `retrieved_recompute` for a prompt with
+        retrieved modules, else the engine's (PromptError when invalid)."""
+        if value is None:
+            return self.retrieved_recompute if plan is not None and plan.retrieved else self.recompute
+        return recompute_policy(value)
 
     def _pooled(self, pre: Prefill) -> Prefill:
         """Give the block back on close, with a record of what it holds (`kv.warm`)."""

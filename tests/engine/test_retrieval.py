@@ -102,3 +102,16 @@ def test_without_an_embedder_retrieve_says_what_to_install(tmp_path):
     e = engine(embedder=str(tmp_path))  # no checkpoint there: add_schema still works
     with pytest.raises(EmbeddingError, match="checkpoint"):
         e.retrieve("kb", "vpn")
+
+
+def test_retrieved_prompts_recompute_stale_states_by_default():
+    ask = '<prompt schema="kb" retrieve="1"><user>Is there parking in the garage under the office?</user></prompt>'
+    e = engine()
+    out = e.generate(ask, max_new_tokens=N)
+    assert out.usage.modules_retrieved == ("parking",)
+    assert out.usage.recomputed_tokens > 0  # "parking" was encoded after "leave" and "vpn", skipped here
+    assert out.token_ids == e.generate(ask, max_new_tokens=N, enable_cache=False).token_ids
+    assert e.generate(ask, max_new_tokens=N, recompute=0.0).usage.recomputed_tokens == 0  # the request's own
+    assert engine(retrieved_recompute=0.0).generate(ask, max_new_tokens=N).usage.recomputed_tokens == 0
+    with pytest.raises(PromptError, match="recompute"):
+        engine(retrieved_recompute=2.0)
