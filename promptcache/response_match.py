@@ -63,6 +63,15 @@ class Reused:
     similarity: float
 
 
+def check_match(match: object, cache_dir: object) -> str:
+    """`response_match`, checked: one of MATCHES, and other than "exact" only with a response cache."""
+    if match not in MATCHES:
+        raise PromptError(f"invalid response_match={match!r:.80}: must be one of {', '.join(MATCHES)}")
+    if match != "exact" and cache_dir is None:
+        raise PromptError(f'response_match="{match}" needs a response cache: pass response_cache_dir=PATH too')
+    return match
+
+
 def request_text(prompt) -> RequestText:
     """The query and context of a plain prompt, a chat (`[{"role", "content"}]`) or a PML prompt."""
     if isinstance(prompt, str) and not is_pml(prompt):

@@ -39,7 +39,7 @@ from ..markup.parse import is_pml, parse_prompt
 from ..models.adapter import adapter_for
 from ..models.load import resolve_device
 from ..response_cache import ResponseCache
-from ..response_match import DEFAULT_EMBEDDER, ResponseKey, ResponseReuse
+from ..response_match import DEFAULT_EMBEDDER, ResponseKey, ResponseReuse, check_match
 from . import checks
 from .decoder import Decoder
 from .generate import SamplingParams, eos_ids
@@ -123,6 +123,7 @@ class Engine:
         pool_blocks = checks.optional_count("pool_blocks", pool_blocks)
         store_dir = checks.optional_dir("store_dir", store_dir)
         response_cache_dir = checks.optional_dir("response_cache_dir", response_cache_dir)
+        check_match(response_match, response_cache_dir)
         checks.flag("prefix_cache", prefix_cache)
         checks.flag("progress", progress)
         if fingerprint not in FINGERPRINTS:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from promptcache.errors import PromptCacheError
+from promptcache.errors import PromptCacheError, PromptError
 from promptcache.normalize import normalize_text
 from promptcache.response_cache import ResponseCache
 from promptcache.response_index import FILE_NAME, SemanticIndex
@@ -115,6 +115,12 @@ def test_an_index_entry_pointing_at_another_groups_answer_is_not_served(tmp_path
 def test_bad_settings_name_the_culprit(tmp_path, kw, culprit):
     with pytest.raises(PromptCacheError, match=culprit):
         make_engine("llama", response_cache_dir=tmp_path, **kw)
+
+
+@pytest.mark.parametrize("match", ["normalized", "semantic", "fuzzy"])
+def test_response_match_needs_a_response_cache(match):
+    with pytest.raises(PromptError, match="response_match"):
+        make_engine("llama", response_match=match)
 
 
 def test_the_default_embedder_and_threshold_reuse_a_measured_paraphrase(tmp_path):
