@@ -10,6 +10,10 @@ and the metric that scores an output against them. Setups, by how the prompt sel
   encoded after the scaffold (the union's longest member).
 - parameter: a parameter argument (the reader's name) before all the documents, which were
   encoded with the scaffold there.
+- retrieved: every group's documents in one schema (32 modules); each prompt asks `retrieve="3"`, and
+  the engine splices the three documents nearest the question (`Engine.retrieve`): position gaps and
+  states encoded after documents the prompt skips, as in "skipped". The full prefill is of the same
+  retrieved text.
 - longbench-single / longbench-multi: the shipped LongBench-format samples as `longbench.py`
   lays them out (one module per context: exact; each question importing its own documents from a
   shared schema: approximate).
@@ -34,7 +38,8 @@ from benchmarks.metrics import contains_answer, score
 
 DATA = Path(__file__).resolve().parent / "data"
 DOCQA = DATA / "docqa" / "docqa.json"
-DOCQA_SETUPS = ("exact", "skipped", "union", "parameter")
+DOCQA_SETUPS = ("exact", "skipped", "union", "parameter", "retrieved")
+RETRIEVE_K = 3
 LONGBENCH_SETUPS = ("longbench-single", "longbench-multi")
 SETUPS = DOCQA_SETUPS + LONGBENCH_SETUPS
 EXACT_SETUPS = ("exact", "longbench-single")
@@ -72,6 +77,8 @@ def _prompt(name: str, selection: str, question: str) -> str:
 
 def docqa_cases(engine, setup: str, tasks: dict, per_group: int | None = None) -> list[Case]:
     """Add the schemas `setup` needs (one per document group) and return its cases."""
+    if setup == "retrieved":
+        return retrieved_cases(engine, tasks, per_group)
     cases = []
     for group in tasks["groups"]:
         docs = group["documents"]
@@ -84,6 +91,23 @@ def docqa_cases(engine, setup: str, tasks: dict, per_group: int | None = None) -
             cases.append(Case(setup, "docqa", q["id"], _prompt(schema, selection, q["question"]), answers,
                               lambda out, a=answers: max(contains_answer(out, x) for x in a), q["style"],
                               q["doc"]))
+    return cases
+
+
+def retrieved_cases(engine, tasks: dict, per_group: int | None = None) -> list[Case]:
+    """One schema of every group's documents; prompts select nothing and ask `retrieve="3"`."""
+    schema = "docqa_retrieved"
+    docs = [{**d, "name": f"{g['id']}-{d['name']}"} for g in tasks["groups"] for d in g["documents"]]
+    engine.add_schema(_schema(schema, tasks["system"], _modules(docs)))
+    cases = []
+    for group in tasks["groups"]:
+        for q in group["questions"][:per_group]:
+            answers = tuple(q["answers"])
+            prompt = (f'<prompt schema="{schema}" retrieve="{RETRIEVE_K}"><user>{escape(q["question"])}</user>'
+                      "</prompt>")
+            cases.append(Case("retrieved", "docqa", q["id"], prompt, answers,
+                              lambda out, a=answers: max(contains_answer(out, x) for x in a), q["style"],
+                              f"{group['id']}-{q['doc']}"))
     return cases
 
 

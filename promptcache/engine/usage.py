@@ -9,6 +9,9 @@ Usage semantics:
 - modules_hit: for PML prompts, the modules whose stored states were spliced;
   modules_written: those (re-)encoded by this request (evicted or never encoded).
 - response_cached: the whole completion came from the response cache (nothing was computed).
+- response_similarity: with `response_cached`, how close the cached request was: 1.0 for a key match,
+  the cosine similarity of the query texts for a semantic one (`response_match`); None otherwise.
+- modules_retrieved: for PML prompts with `retrieve="k"`, the modules retrieval chose (in schema order).
 - recomputed_tokens: for PML prompts, spliced tokens whose states were stale (their module was
   encoded in another context than the prompt's) and were recomputed (`Engine(recompute=)`); they
   are not among cached_tokens.
@@ -31,6 +34,8 @@ class Usage:
     modules_written: tuple[str, ...] = ()
     response_cached: bool = False
     recomputed_tokens: int = 0
+    response_similarity: float | None = None
+    modules_retrieved: tuple[str, ...] = ()
 
     def to_dict(self) -> dict:
         return asdict(self)

@@ -32,6 +32,7 @@ from .rules import (
     length_problem,
     line_of,
     name_problem,
+    retrieve_problem,
     role_problem,
     show,
     tag_of,
@@ -328,6 +329,8 @@ def check_prompt(prompt: Prompt, *, where: Where | None = None) -> Prompt:
     problem = document_name_problem(prompt.schema)
     if problem is None and not (isinstance(prompt.selections, tuple) and isinstance(prompt.tail, tuple)):
         problem = "a Prompt's selections and tail must be tuples"
+    if problem is None and prompt.retrieve is not None:
+        problem = retrieve_problem(prompt.retrieve)
     if problem:
         raise where.error(problem, where.line, "prompt")
     check_selections(prompt.selections, where=where)

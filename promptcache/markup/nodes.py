@@ -93,8 +93,12 @@ class Selection:
 
 @dataclass(frozen=True)
 class Prompt:
-    """A `<prompt schema="...">` document: module selections, then free text and chat turns."""
+    """A `<prompt schema="...">` document: module selections, then free text and chat turns.
+
+    `retrieve`: add the `retrieve` modules of the schema nearest the prompt's question (`retrieve="k"`).
+    """
 
     schema: str
     selections: tuple[Selection, ...]
     tail: tuple[Text | RoleBlock, ...] = ()
+    retrieve: int | None = None

@@ -149,7 +149,9 @@ def parse_prompt(source: str | os.PathLike, *, max_bytes: int = 1 << 20) -> Prom
             raise where.error(rules.selection_after_tail(tag, started), item.sourceline, tag)
         else:
             selections.append(_selection(item, where))
-    return check_prompt(Prompt(root.get("schema"), tuple(selections), tuple(tail)), where=where)
+    retrieve = root.get("retrieve")
+    retrieve = None if retrieve is None else rules.xml_int(retrieve)
+    return check_prompt(Prompt(root.get("schema"), tuple(selections), tuple(tail), retrieve), where=where)
 
 
 # ---- runs of text between elements -----------------------------------------------------------

@@ -190,7 +190,7 @@ def first_at(line: int | None) -> str:
 XML_SPACE = "{http://www.w3.org/XML/1998/namespace}space"
 _ATTRIBUTES: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {  # tag -> (required, optional)
     "schema": (("name",), ("xml:space",)),
-    "prompt": (("schema",), ("xml:space",)),
+    "prompt": (("schema",), ("retrieve", "xml:space")),
     "module": (("name",), ("cache", "src", "xml:space")),
     "union": ((), ("scaffold",)),
     "parameter": (("name", "length"), ("scaffold",)),
@@ -228,6 +228,16 @@ def attribute_problem(tag: str, attrib: Mapping[str, str]) -> str | None:
         return f"xml:space= must be \"default\" or \"preserve\", not {show(space)}"
     if attrib.get("src") == "":
         return "src= must not be empty"
+    return None
+
+
+MAX_RETRIEVE = 64  # modules one prompt may ask retrieval for
+
+
+def retrieve_problem(value: object) -> str | None:
+    """Why `value` cannot be a prompt's retrieve= (a count of modules); None if it can."""
+    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= MAX_RETRIEVE:
+        return f"retrieve= must be a whole number of modules from 1 to {MAX_RETRIEVE}, not {show(value)}"
     return None
 
 

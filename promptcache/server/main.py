@@ -88,6 +88,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="bytes of chat/prompt prefixes kept, LRU (default: the engine's, 1 GiB)")
     e.add_argument("--no-prefix-cache", action="store_true", help="do not reuse prefixes of plain prompts/chats")
     e.add_argument("--ttl-s", type=float, help="drop cached states idle for longer than this")
+    e.add_argument("--response-cache-dir", metavar="DIR",
+                   help="answer repeated deterministic requests from completions cached there")
+    e.add_argument("--response-match", choices=("exact", "normalized", "semantic"), default="exact",
+                   help="which requests repeat one: the exact tokens (default), the text after clean-up "
+                        "(case, whitespace, punctuation), or also the nearest by meaning (README: response reuse)")
     e.add_argument("--int8-decode", action="store_true",
                    help="decode steps read int8 copies of the linear weights (CPU, bfloat16: faster tokens/s)")
     e.add_argument("--compile-decode", action="store_true",
@@ -146,7 +151,8 @@ def engine_kwargs(args: argparse.Namespace) -> dict:
                   host_budget_bytes=args.host_budget_bytes, prefix_cache=not args.no_prefix_cache,
                   ttl_s=args.ttl_s, int8_decode=args.int8_decode, compile_decode=args.compile_decode,
                   module_budget_bytes=args.module_budget_bytes, max_batch=args.parallel,
-                  kv_budget_bytes=args.kv_budget_bytes, prefill_chunk=args.prefill_chunk, progress=False)
+                  kv_budget_bytes=args.kv_budget_bytes, prefill_chunk=args.prefill_chunk,
+                  response_cache_dir=args.response_cache_dir, response_match=args.response_match, progress=False)
     if args.prefix_budget_bytes is not None:  # else the engine's default bound
         kwargs["prefix_budget_bytes"] = args.prefix_budget_bytes
     if args.recompute is not None:  # else the engine's default

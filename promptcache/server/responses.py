@@ -39,6 +39,8 @@ def usage_body(usage: Usage, cache: CacheReport | None = None) -> dict:
             "ttft_s": round(usage.ttft_s, 6),
             "total_s": round(usage.total_s, 6),
             "response_cached": usage.response_cached,
+            "response_similarity": usage.response_similarity,
+            "modules_retrieved": list(usage.modules_retrieved),
         },
     }
 

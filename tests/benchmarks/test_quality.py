@@ -51,6 +51,9 @@ def test_setups_select_as_documented():
     for setup in docqa.DOCQA_SETUPS:
         cases = docqa.docqa_cases(engine, setup, tasks, per_group=4)
         for case in cases:  # exact: nothing stale; the others: stale spliced states to recompute
+            if setup == "retrieved":  # stale only where a skipped document comes before a retrieved one
+                assert len(engine.plan(case.prompt).retrieved) == docqa.RETRIEVE_K
+                continue
             with engine.prefill(engine.plan(case.prompt), recompute=1.0) as pre:
                 assert (pre.recomputed_tokens == 0) == (setup == "exact"), (setup, case.id)
         plans = [engine.plan(c.prompt).tokens for c in cases]

@@ -87,7 +87,8 @@ def prompt_document(rng: random.Random) -> str:
     items = [selection(1) for _ in range(rng.choice([0, 1, 2]))] + [tail_item() for _ in range(rng.choice([0, 1, 2]))]
     if rng.random() < 0.15:
         items.append(selection(1))  # a selection after the tail
-    return f'<prompt{XI} schema="{rng.choice(["t"] * 8 + [""])}">{"".join(items)}</prompt>'
+    retrieve = rng.choice([""] * 6 + [' retrieve="3"', ' retrieve=" 2 "', ' retrieve="0"', ' retrieve="x"'])
+    return f'<prompt{XI} schema="{rng.choice(["t"] * 8 + [""])}"{retrieve}>{"".join(items)}</prompt>'
 
 
 def verdicts(xml: str, parse, **kwargs) -> tuple[bool, str | None]:

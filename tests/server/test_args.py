@@ -48,3 +48,11 @@ def test_the_server_bounds_the_module_budget_unless_told_otherwise():
     for bad in ("-1", "1GB"):
         with pytest.raises(SystemExit):
             parse("--module-budget-bytes", bad)
+
+
+def test_response_reuse_flags():
+    assert engine_kwargs(parse())["response_match"] == "exact"
+    kw = engine_kwargs(parse("--response-cache-dir", "/tmp/r", "--response-match", "semantic"))
+    assert (kw["response_cache_dir"], kw["response_match"]) == ("/tmp/r", "semantic")
+    with pytest.raises(SystemExit):
+        parse("--response-match", "fuzzy")
