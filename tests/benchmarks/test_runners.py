@@ -71,3 +71,15 @@ def test_threads_runner(tmp_path, monkeypatch):
         (c, s) for c in ("loaded", "as-is") for s in ("1 thread", "torch default", "auto")]
     assert all(r["cached_ttft_ms"] > 0 and r["threads"] >= 1 for r in rows)
     assert rows[0]["cached_vs_one"] == 1.0
+
+
+def test_batching_runner(tmp_path):
+    from benchmarks import batching
+
+    payload = batching.main(["--model", "tiny", "--widths", "1,3", "--chunks", "16", "--long-tokens", "96",
+                             "--steps", "3", "--streams", "2", "--threads", "1", "--out", str(tmp_path), "--name", "b"])
+    assert json.loads((tmp_path / "b.json").read_text())["rows"] == payload["rows"]
+    assert [r["width"] for r in payload["rows"]] == [1, 3]
+    assert all(r["step_ms"] > 0 and r["tokens_per_s"] > 0 for r in payload["rows"])
+    (chunk,) = payload["chunks"]
+    assert chunk["prefill_chunk"] == 16 and chunk["steps_during"] >= 96 // 16  # the long prompt ran in chunks
