@@ -25,7 +25,7 @@ SERVER_MODULE_BUDGET_BYTES = 2 << 30
 # The batching scheduler's defaults (`engine.scheduler`), here so that the CLI shows them without importing torch.
 DEFAULT_MAX_BATCH = 16  # requests running at once
 DEFAULT_KV_BUDGET_BYTES = 4 << 30  # request-cache memory running requests may reserve in all
-DEFAULT_PREFILL_CHUNK = 64  # prompt tokens per step while other requests decode
+DEFAULT_PREFILL_CHUNK = 256  # at most this many prompt tokens per step while other requests decode
 """`promptcache serve`'s default budget: a server takes schemas from any client that holds its key."""
 
 

@@ -9,9 +9,11 @@ pick its next token under its own sampling parameters, stop strings and budget:
     request   waiting -> prefilling (turns) -> decoding (one token per step) -> done
                                    \\-> cancelled or failed: leaves at the next step, cache freed
 
-While any request decodes, a step's prefill budget is `prefill_chunk` prompt tokens, so that a
-long uncached prompt delays the other streams by one short chunk per step, not by its whole
-prefill; while none does, it is `prefill.CHUNK`.
+While any request decodes, a step's prefill budget is the prompt tokens that take about as long as
+the decode step itself (both measured as the scheduler goes; between `MIN_PREFILL_CHUNK` and
+`prefill_chunk`), so that a long uncached prompt at most about doubles the other streams'
+inter-token latency instead of stalling them for its whole prefill; while none decodes, it is
+`prefill.CHUNK`.
 
 Admission is bounded by `max_batch` running requests and by `kv_budget_bytes`: each running
 request reserves the cache its prompt and its whole budget of new tokens could need (its cache
@@ -50,6 +52,7 @@ from .usage import Completion, Usage
 
 logger = logging.getLogger(__name__)
 
+MIN_PREFILL_CHUNK = 8  # prompt tokens a step prefills at least while requests decode
 IDLE_EXIT_S = 2.0  # the background thread exits after this long without work (a new request starts it)
 _LIVE: weakref.WeakSet[Scheduler] = weakref.WeakSet()  # schedulers whose thread may run (stopped at exit)
 
@@ -106,7 +109,8 @@ class Scheduler:
         engine: the `Engine` whose model, caches and stores the requests use.
         max_batch: the most requests running (prefilling or decoding) at once.
         kv_budget_bytes: request-cache memory that running requests may reserve in all.
-        prefill_chunk: prompt tokens a prefill's turn runs while other requests decode.
+        prefill_chunk: the most prompt tokens a step prefills while other requests decode (it prefills
+            fewer where they would take longer than the decode step: `_prefill_budget`).
         background: run steps in a thread of its own (False: the caller calls `step()`).
     """
 
@@ -125,6 +129,8 @@ class Scheduler:
         self._thread: threading.Thread | None = None
         self._stopping = False
         self.steps = self.batched_rows = self.widest = 0  # counters: steps, decode rows fed, most rows in a step
+        self._decode_s: float | None = None  # a decode step's seconds, and a prompt token's (moving averages)
+        self._prefill_s_per_token: float | None = None
 
     # ---- submitting ------------------------------------------------------------------------
 
@@ -175,21 +181,36 @@ class Scheduler:
     # ---- stepping --------------------------------------------------------------------------
 
     def step(self) -> bool:
-        """Admit, give one prefill a turn, decode every decoding request once; whether work is left."""
+        """Admit, give prefills their turns, decode every decoding request once; whether work is left."""
         self._admit()
         self._drop_cancelled()
-        budget = self.prefill_chunk if any(r.decoder is not None for r in self.running) else CHUNK
+        decoding = any(r.decoder is not None for r in self.running)
+        budget = self._prefill_budget() if decoding else CHUNK
         for request in [r for r in self.running if r.decoder is None]:  # first come, first served
             if budget <= 0:
                 break
-            self._prefill_turn(request, budget)
-            budget -= max(1, request.turns.spent if request.turns is not None else 1)
-        decoding = [r for r in self.running if r.decoder is not None and r.decoder.pending() is not None]
-        if decoding:
-            self._decode(decoding)
+            t0 = time.perf_counter()
+            spent = self._prefill_turn(request, budget)
+            if spent:
+                self._prefill_s_per_token = _ema(self._prefill_s_per_token, (time.perf_counter() - t0) / spent)
+            budget -= max(1, spent)
+        feeding = [r for r in self.running if r.decoder is not None and r.decoder.pending() is not None]
+        if feeding:
+            t0 = time.perf_counter()
+            self._decode(feeding)
+            self._decode_s = _ema(self._decode_s, time.perf_counter() - t0)
         self.steps += 1
         with self._lock:
             return bool(self.running or self.waiting)
+
+    def _prefill_budget(self) -> int:
+        """Prompt tokens to prefill in a step while requests decode: about as many as take the time of the
+        decode step itself (measured as it goes), so the streams' inter-token latency at most about
+        doubles while a long prompt is prefilled; at least `MIN_PREFILL_CHUNK`, at most `prefill_chunk`."""
+        if self._decode_s is None or self._prefill_s_per_token is None:
+            return min(self.prefill_chunk, MIN_PREFILL_CHUNK)
+        fits = int(self._decode_s / self._prefill_s_per_token)
+        return max(min(MIN_PREFILL_CHUNK, self.prefill_chunk), min(self.prefill_chunk, fits))
 
     def _admit(self) -> None:
         with self._lock:
@@ -212,19 +233,21 @@ class Scheduler:
         for request in gone:
             self._end(request, None)
 
-    def _prefill_turn(self, request: Request, tokens: int) -> None:
-        if not request.turns.run(tokens):
-            return
-        if request.turns.error is not None:
-            self._end(request, request.turns.error)
-            return
-        request.pre = request.turns.result
-        request.turns = None
+    def _prefill_turn(self, request: Request, tokens: int) -> int:
+        """Let `request`'s prefill run up to `tokens` prompt tokens; the tokens it ran."""
+        turns = request.turns
+        if not turns.run(tokens):
+            return turns.spent
+        if turns.error is not None:
+            self._end(request, turns.error)
+            return turns.spent
+        request.pre, request.turns = turns.result, None
         try:
             request.decoder = self.engine.decoder(request.plan, request.pre, request.params)
             self._pick(request)
         except Exception as exc:  # noqa: BLE001 - the request fails, the scheduler keeps serving
             self._end(request, exc)
+        return turns.spent
 
     def _decode(self, decoding: list[Request]) -> None:
         """Feed every decoding request's pending token in one forward, then let each pick its next."""
@@ -327,6 +350,10 @@ class Scheduler:
                 logger.exception("a scheduler step failed; failing its running requests")
                 for request in list(self.running):
                     self._end(request, PromptError("the request failed inside the scheduler (see the log)"))
+
+
+def _ema(old: float | None, new: float, weight: float = 0.2) -> float:
+    return new if old is None else (1 - weight) * old + weight * new
 
 
 @atexit.register

@@ -103,8 +103,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="request-cache memory running requests may reserve in all; a request that would "
                         f"pass it waits (default: {DEFAULT_KV_BUDGET_BYTES >> 30} GiB)")
     e.add_argument("--prefill-chunk", type=int, default=DEFAULT_PREFILL_CHUNK, metavar="TOKENS",
-                   help="prompt tokens prefilled per step while other requests decode: smaller keeps their "
-                        f"inter-token latency down while a long prompt is prefilled ({DEFAULT_PREFILL_CHUNK})")
+                   help="the most prompt tokens prefilled per step while other requests decode (each step "
+                        "prefills about what takes as long as its decode step, so a long prompt at most about "
+                        f"doubles their inter-token latency) ({DEFAULT_PREFILL_CHUNK})")
     e.add_argument("--recompute", type=float, metavar="FRACTION",
                    help="of a PML prompt's stale spliced tokens (skipped modules, another union member, "
                         "arguments), the fraction to recompute, 0..1 (default: the engine's, 0); a request's "

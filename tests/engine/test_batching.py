@@ -80,7 +80,7 @@ def test_requests_join_and_leave_mid_batch_on_the_real_model(smollm2):
     """SmolLM2 (float32): a request that ends early (budget) leaves while the others go on."""
     engine = pc.Engine(smollm2.model, smollm2.tokenizer, progress=False)
     scheduler = Scheduler(engine, prefill_chunk=16, background=False)
-    budgets = {"plain": 3, "chat": 12, "long": 8}
+    budgets = {"plain": 24, "chat": 12, "long": 8}
     requests = {name: (PROMPTS[name], pc.SamplingParams(max_new_tokens=n, ignore_eos=True))
                 for name, n in budgets.items()}
     ran = _run(scheduler, requests, {"plain": 0, "chat": 1, "long": 2})
