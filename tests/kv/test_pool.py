@@ -109,3 +109,32 @@ def test_splice_into_a_reused_block_shows_only_its_own_tokens():
     k, _ = cache.layers[0].update(new, new)
     assert k.shape[-2] == 10 and torch.equal(k[:, :, 8:], new)
     assert request_cache([], 4, pool=pool, **geometry).layers[0].get_seq_length() == 0
+
+
+def test_idle_blocks_count_against_a_byte_budget_oldest_dropped():
+    one = take(BufferPool(0), ROUND).numel() * 4  # bytes of a block of ROUND slots
+    pool = BufferPool(max_blocks=8, max_bytes=2 * one + one // 2)
+    first, second, third = take(pool, ROUND), take(pool, ROUND), take(pool, ROUND)
+    for block in (first, second, third):
+        pool.give(block)
+    assert pool.idle_bytes == 2 * one  # the oldest went: three would pass the budget
+    kept = {id(take(pool, ROUND)), id(take(pool, ROUND))}
+    assert kept == {id(second), id(third)} and pool.idle_bytes == 0
+    pool.give(take(BufferPool(0), 4 * ROUND))  # bigger than the whole budget: never kept
+    assert pool.idle_bytes == 0
+    with pytest.raises(StoreError, match="pool_bytes must be an int >= 0 or None"):
+        BufferPool(max_bytes=-1)
+
+
+def test_a_request_cache_grows_in_place_of_its_block_keeping_its_states():
+    pool = BufferPool()
+    cache = request_cache([states(5)], 6, num_layers=LAYERS, kv_heads=HEADS, head_dim=DIM, device="cpu",
+                          dtype=torch.float32, pool=pool)
+    before = [layer.keys.clone() for layer in cache.layers]
+    small = cache.block
+    cache.reserve(cache.capacity + 1)
+    assert cache.capacity > small.shape[-2] and cache.block is not small
+    assert all(torch.equal(layer.keys, k) for layer, k in zip(cache.layers, before))
+    assert pool.idle_bytes == small.numel() * 4  # the outgrown block went back to the pool
+    cache.reserve(cache.capacity)  # room enough: nothing changes
+    assert pool.idle_bytes == small.numel() * 4
