@@ -174,7 +174,9 @@ class Scheduler:
         request.cancel()
         with self._lock:
             self._lock.notify()
-            waits = self.background and self._thread is not None and self._thread.is_alive()
+            thread = self._thread
+            # NOTE: never from the scheduler's own thread (a stream collected there would wait for itself)
+            waits = thread is not None and thread.is_alive() and thread is not threading.current_thread()
         if waits and not request.ended:
             request.wait(timeout)
 
