@@ -58,6 +58,11 @@ class Decoder:
     def text(self) -> str:
         return self.tracker.text
 
+    @property
+    def stop_string(self) -> str | None:
+        """The stop string that ended generation (None: EOS, a stop id, the budget, or still going)."""
+        return self.tracker.stop_string if self.finish_reason == "stop" else None
+
     def pending(self) -> tuple[int, int] | None:
         """(token, position) to feed before the next pick, or None."""
         return None if self._pending is None else (self._pending, self.position)

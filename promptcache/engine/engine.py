@@ -392,7 +392,7 @@ class Engine:
         params = SamplingParams.merge(sampling, **kwargs)
         for item in self._run(prompt, params, enable_cache, namespace, stream=True, recompute=recompute):
             if isinstance(item, Completion):
-                yield Chunk("", item.usage, item.finish_reason)
+                yield Chunk("", item.usage, item.finish_reason, item.stop_sequence)
             elif item:
                 yield Chunk(item)
 
@@ -434,6 +434,7 @@ class Engine:
                     if rkey is not None:
                         self.reuse.remember(rkey, {"text": item.text, "token_ids": list(item.token_ids),
                                                    "finish_reason": item.finish_reason,
+                                                   "stop_sequence": item.stop_sequence,
                                                    "usage": item.usage.to_dict()})
                     yield item
                 elif stream:
@@ -480,8 +481,9 @@ class Engine:
             total = time.perf_counter() - t0
             usage = Usage(n_in, n_in, 0, n_out, total, total, response_cached=True,
                           response_similarity=reused.similarity, modules_retrieved=retrieved)
+            stop = hit.get("stop_sequence")
             return Completion(str(hit["text"]), tuple(int(t) for t in hit["token_ids"]), usage,
-                              str(hit["finish_reason"]))
+                              str(hit["finish_reason"]), stop if isinstance(stop, str) else None)
         except (KeyError, TypeError, ValueError):
             logger.warning("ignoring a malformed response-cache entry %s", key.key[:12])
             return None

@@ -195,6 +195,7 @@ class TextTracker:
         self.hold = max((len(s) for s in stop), default=1) - 1
         self.ids: list[int] = []
         self.text, self.emitted, self.stopped = "", 0, False
+        self.stop_string: str | None = None  # the stop string that ended the text, once `stopped`
         self.run_start = 0  # where the trailing run of byte tokens starts (len(ids) when there is none)
         self._byte: list[bool] = []
         self._seam = self._seam_chars = self._ctx = 0  # text[:_seam_chars] is the final text of ids[:_seam]
@@ -221,7 +222,7 @@ class TextTracker:
         if full.startswith(self.text) if self.stopped else full == self.text:
             return
         logger.warning("incremental detokenization disagreed with a full decode; using the full decode")
-        self.text, self.stopped = full, False
+        self.text, self.stopped, self.stop_string = full, False, None
         self._find_stop(0)
 
     def delta(self, final: bool) -> str:
@@ -243,9 +244,10 @@ class TextTracker:
         return self.tok.decode(self.ids[start:stop], skip_special_tokens=True)
 
     def _find_stop(self, start: int) -> None:
-        hits = [i for i in (self.text.find(s, start) for s in self.stop) if i >= 0]
+        hits = [(i, s) for s in self.stop if (i := self.text.find(s, start)) >= 0]
         if hits:
-            self.text, self.stopped = self.text[: min(hits)], True
+            at, self.stop_string = min(hits)
+            self.text, self.stopped = self.text[:at], True
 
     def _length_before(self, index: int) -> int:
         """len(decode(ids[:index])) for index >= the seam, from a window decode when it agrees."""

@@ -324,7 +324,7 @@ class Scheduler:
         usage = Usage(len(plan.token_ids), pre.cached_tokens, pre.written_tokens + written,
                       len(decoder.token_ids), request.ttft or total, total, pre.modules_hit, pre.modules_written,
                       recomputed_tokens=pre.recomputed_tokens, modules_retrieved=plan.retrieved)
-        return Completion(decoder.text, tuple(decoder.token_ids), usage, decoder.finish_reason)
+        return Completion(decoder.text, tuple(decoder.token_ids), usage, decoder.finish_reason, decoder.stop_string)
 
     # ---- the background thread -------------------------------------------------------------
 

@@ -47,6 +47,7 @@ class Completion:
     token_ids: tuple[int, ...]
     usage: Usage
     finish_reason: str  # "stop" (EOS, stop string or stop token) or "length"
+    stop_sequence: str | None = None  # the stop string that ended it (a request's or the chat format's)
 
 
 @dataclass(frozen=True)
@@ -56,3 +57,4 @@ class Chunk:
     text: str
     usage: Usage | None = None
     finish_reason: str | None = None
+    stop_sequence: str | None = None

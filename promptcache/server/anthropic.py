@@ -150,13 +150,16 @@ def usage_body(outcome: Outcome) -> dict:
 
 
 def stop_reason(outcome: Outcome) -> str:
+    if outcome.stop_sequence is not None:  # one of the request's stop_sequences ended it
+        return "stop_sequence"
     return "max_tokens" if outcome.finish_reason == "length" else "end_turn"
 
 
 def message_body(msg_id: str, model: str, text: str, outcome: Outcome | None) -> dict:
     return {"id": msg_id, "type": "message", "role": "assistant", "model": model,
             "content": [{"type": "text", "text": text}] if outcome is not None else [],
-            "stop_reason": stop_reason(outcome) if outcome is not None else None, "stop_sequence": None,
+            "stop_reason": stop_reason(outcome) if outcome is not None else None,
+            "stop_sequence": outcome.stop_sequence if outcome is not None else None,
             "usage": usage_body(outcome) if outcome is not None else
             {"input_tokens": 0, "output_tokens": 0, "cache_creation_input_tokens": 0, "cache_read_input_tokens": 0}}
 
@@ -187,7 +190,8 @@ def events(service: Service, request: GenerationRequest, cancelled: threading.Ev
                 if isinstance(piece, Outcome):
                     yield _event("content_block_stop", {"type": "content_block_stop", "index": 0})
                     yield _event("message_delta", {"type": "message_delta",
-                                                   "delta": {"stop_reason": stop_reason(piece), "stop_sequence": None},
+                                                   "delta": {"stop_reason": stop_reason(piece),
+                                                             "stop_sequence": piece.stop_sequence},
                                                    "usage": usage_body(piece)})
                     yield _event("message_stop", {"type": "message_stop"})
                 else:

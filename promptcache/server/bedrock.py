@@ -136,6 +136,8 @@ def usage_body(outcome: Outcome) -> dict:
 
 
 def stop_reason(outcome: Outcome) -> str:
+    if outcome.stop_sequence is not None:  # one of the request's stopSequences ended it
+        return "stop_sequence"
     return "max_tokens" if outcome.finish_reason == "length" else "end_turn"
 
 

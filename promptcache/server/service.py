@@ -135,7 +135,8 @@ class Service:
                     yield chunk.text
                 if chunk.usage is not None:
                     self.metrics.completed(chunk.usage, queued_s)
-                    yield Outcome(chunk.finish_reason, chunk.usage, self._keep(request, chunk.usage))
+                    asked = chunk.stop_sequence if chunk.stop_sequence in request.params.stop else None
+                    yield Outcome(chunk.finish_reason, chunk.usage, self._keep(request, chunk.usage), asked)
         finally:
             chunks.close()
 

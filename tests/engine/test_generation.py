@@ -30,6 +30,9 @@ def test_stop_string_ends_generation_before_it(docs):
     assert out.finish_reason == "stop"
     assert out.text == text[: text.find(stop)] and stop not in out.text
     assert full.token_ids[: len(out.token_ids)] == out.token_ids
+    assert (out.stop_sequence, full.stop_sequence) == (stop, None)  # which one ended it (the server reports it)
+    last = list(docs.stream(ALL_DOCS_PROMPT, max_new_tokens=14, ignore_eos=True, stop=[stop, "never-seen"]))[-1]
+    assert (last.finish_reason, last.stop_sequence) == ("stop", stop)
 
 
 def test_stop_token_ids(docs):

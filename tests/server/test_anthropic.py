@@ -79,6 +79,13 @@ def test_stop_sequences(client, oracle):
     stop = full[4:6]
     out = ask(client, max_tokens=12, stop_sequences=[stop], extra_body={"ignore_eos": True})
     assert out.content[0].text == full[: full.find(stop)]
+    assert (out.stop_reason, out.stop_sequence) == ("stop_sequence", stop)
+    with client.messages.stream(model="tiny", max_tokens=12, system=SYSTEM, messages=QUESTION, stop_sequences=[stop],
+                                extra_body={"temperature": 0, "ignore_eos": True}) as stream:
+        final = stream.get_final_message()
+    assert (final.stop_reason, final.stop_sequence) == ("stop_sequence", stop)
+    unstopped = ask(client, max_tokens=12, extra_body={"ignore_eos": True})
+    assert (unstopped.stop_reason, unstopped.stop_sequence) == ("max_tokens", None)
 
 
 def test_stream_is_anthropics_event_sequence_and_equals_the_message(client):
