@@ -62,7 +62,7 @@ class Embedding:
     def get(self) -> Embedder:
         with self._lock:
             if self._loaded is None:
-                self._loaded = load_embedder(self.spec)
+                self._loaded = _shared_embedder(str(self.spec))
             return self._loaded
 
     def index(self, modules: ModuleIndex, version: SchemaVersion) -> None:
@@ -74,6 +74,19 @@ class Embedding:
             modules.add(version)
         except EmbeddingError as e:
             logger.info("schema %s: modules not embedded for retrieval: %s", version.name, e)
+
+
+_SHARED: dict[str, Embedder] = {}
+_SHARED_LOCK = threading.Lock()
+
+
+def _shared_embedder(spec: str) -> Embedder:
+    """One loaded embedder per name or directory in a process, shared by every engine (each weighs ~100 MB;
+    they only read their weights)."""
+    with _SHARED_LOCK:
+        if spec not in _SHARED:
+            _SHARED[spec] = load_embedder(spec)
+        return _SHARED[spec]
 
 
 def retrieve_modules(modules: ModuleIndex, version: SchemaVersion, question: object, k: object) -> Retrieved:

@@ -121,7 +121,9 @@ class Scheduler:
                             ("prefill_chunk", prefill_chunk)):
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise PromptError(f"invalid {name}={value!r:.80}: must be an int >= 1")
-        self.engine, self.background = engine, background
+        # NOTE: a weak reference: the engine owns its scheduler, and a cycle would keep every engine (and
+        # its stores) alive until the cyclic collector ran
+        self.engine, self.background = weakref.proxy(engine), background
         self.max_batch, self.kv_budget_bytes, self.prefill_chunk = max_batch, kv_budget_bytes, prefill_chunk
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []
