@@ -150,3 +150,11 @@ def _ready_line(proc: subprocess.Popen, log: Path) -> str:
     raise RuntimeError(f"the server did not start (exit {proc.poll()}); stdout {buf!r}; log:\n"
                        f"{log.read_text(errors='replace')[-3000:]}")
 
+
+def served(*args: str, **kwargs):
+    """The body of a module-scoped server fixture (`yield from served(...)`): a server started with `args`
+    for the module, which must then stop cleanly (exit 0) with no traceback in its log."""
+    srv = start_server(*args, **kwargs)
+    yield srv
+    assert srv.stop() == 0, srv.log_text()[-2000:]
+    assert "Traceback" not in srv.log_text()  # no unhandled error on the server side either

@@ -11,7 +11,7 @@ import pytest
 
 from promptcache.engine.engine import Engine
 
-from .conftest import start_server
+from .conftest import served
 
 KEY = "anthropic-test-key"
 SYSTEM = "You are a weather assistant who answers in a long and careful way. " * 8
@@ -20,10 +20,7 @@ QUESTION = [{"role": "user", "content": "Will it rain tomorrow?"}]
 
 @pytest.fixture(scope="module")
 def server():
-    srv = start_server("--model", "tiny", key=KEY)
-    yield srv
-    assert srv.stop() == 0
-    assert "Traceback" not in srv.log_text()
+    yield from served("--model", "tiny", key=KEY)
 
 
 @pytest.fixture(scope="module")

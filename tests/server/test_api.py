@@ -17,7 +17,7 @@ import pytest
 
 from promptcache.engine.engine import Engine
 
-from .conftest import ROOT, start_server
+from .conftest import ROOT, served
 
 KEY = "test-key-" + uuid.uuid4().hex
 MAX_BODY = 128 * 1024
@@ -28,11 +28,8 @@ PML = ('<prompt schema="persona"><age-60s/><occupation-farmer/><personality-grum
 
 @pytest.fixture(scope="module")
 def server():
-    srv = start_server("--model", "tiny", "--parallel", "2", "--max-queue", "16",
+    yield from served("--model", "tiny", "--parallel", "2", "--max-queue", "16",
                        "--max-body-bytes", str(MAX_BODY), key=KEY)
-    yield srv
-    assert srv.stop() == 0, srv.log_text()[-2000:]
-    assert "Traceback" not in srv.log_text()  # no unhandled error on the server side either
 
 
 @pytest.fixture(scope="module")

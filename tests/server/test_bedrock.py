@@ -13,7 +13,7 @@ from botocore.exceptions import ClientError
 
 from promptcache.engine.engine import Engine
 
-from .conftest import start_server
+from .conftest import served, start_server
 
 SYSTEM = "You are a weather assistant who answers in a long and careful way. " * 8
 QUESTION = "Will it rain tomorrow?"
@@ -21,10 +21,7 @@ QUESTION = "Will it rain tomorrow?"
 
 @pytest.fixture(scope="module")
 def server():
-    srv = start_server("--model", "tiny")
-    yield srv
-    assert srv.stop() == 0
-    assert "Traceback" not in srv.log_text()
+    yield from served("--model", "tiny")
 
 
 def runtime(server, **env):

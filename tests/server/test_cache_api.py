@@ -7,7 +7,7 @@ import uuid
 
 import pytest
 
-from .conftest import ROOT, start_server
+from .conftest import ROOT, served
 
 SYSTEM = "You are a weather assistant who answers in a long and careful way. " * 8
 CHAT = [{"role": "system", "content": SYSTEM}, {"role": "user", "content": "Rain?"}]
@@ -15,10 +15,7 @@ CHAT = [{"role": "system", "content": SYSTEM}, {"role": "user", "content": "Rain
 
 @pytest.fixture(scope="module")
 def server():
-    srv = start_server("--model", "tiny")
-    yield srv
-    assert srv.stop() == 0
-    assert "Traceback" not in srv.log_text()
+    yield from served("--model", "tiny")
 
 
 def chat(server, messages, salt):

@@ -16,7 +16,7 @@ import time
 
 import pytest
 
-from .conftest import ROOT, start_server
+from .conftest import ROOT, served, start_server
 
 CAP = 8
 LIMITS = ("--max-connections", str(CAP), "--header-timeout-s", "2", "--body-timeout-s", "2",
@@ -27,10 +27,7 @@ CHAT = {"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "max_t
 
 @pytest.fixture(scope="module")
 def server():
-    srv = start_server("--model", "tiny", *LIMITS, key=KEY)
-    yield srv
-    assert srv.stop() == 0
-    assert "Traceback" not in srv.log_text()
+    yield from served("--model", "tiny", *LIMITS, key=KEY)
 
 
 def raw_socket(server, rcvbuf: int | None = None) -> socket.socket:
